@@ -1,0 +1,419 @@
+"""Settings: embedded defaults, then the YAML file, then ``WARDGATE_*`` env vars, then flags.
+
+The file is ``$WARDGATE_HOME/config.yaml`` (``WARDGATE_HOME`` defaults to
+``~/.wardgate``) unless ``--config`` names another. Every setting can also come
+from an env var named after its path: ``security.token.session_expiry`` is
+``WARDGATE_SECURITY_TOKEN_SESSION_EXPIRY``; values are read as YAML scalars
+(``true``, ``8766``, ``[a, b]``). An unknown key in the file or an unknown
+``WARDGATE_<SECTION>_...`` variable is an error, so a typo cannot silently
+leave a default in force.
+
+``validate`` applies the rules of each security mode (DESIGN.md, "Modes"): a
+configuration that contradicts its mode refuses to start, and the message
+names the setting to change.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import yaml
+
+from wardgate.errors import ConfigError
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8766
+HOME_ENV: Final = "WARDGATE_HOME"
+ENV_PREFIX: Final = "WARDGATE_"
+MIB: Final = 1024 * 1024
+
+
+class Mode(StrEnum):
+    LOCAL = "local"
+    AUTHENTICATED = "authenticated"
+    REMOTE = "remote"
+    ENTERPRISE = "enterprise"
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerSettings(_Section):
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    public_url: str = ""
+    """Base URL clients use to reach wardgate (a tunnel URL, say); goes into pairing QR codes."""
+
+
+class TokenSettings(_Section):
+    pairing_expiry: int | None = None
+    """Seconds a pairing token is valid: 3600, or 1800 in remote/enterprise modes."""
+    session_expiry: int = 300
+    refresh_expiry: int | None = None
+    """Seconds a refresh (device) token is valid: 30 days, or 7 days in remote/enterprise."""
+    auto_refresh: bool = True
+
+
+class OriginSettings(_Section):
+    allow_all: bool = False
+    allowed: list[str] | None = None
+    """Origin patterns; default: loopback origins in local and authenticated modes, none otherwise."""
+    allow_missing: bool = True
+    """Whether a request without an Origin header (non-browser clients) may pass."""
+
+
+class TlsSettings(_Section):
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    auto_cert: bool = False
+    terminated_by_proxy: bool = False
+
+
+class AuditSettings(_Section):
+    enabled: bool | None = None
+    """Default: on outside local mode."""
+    log_file: str = ""
+    log_connections: bool = True
+    log_commands: bool = True
+    log_prompts: bool = False
+    max_bytes: int = 10 * MIB
+    backups: int = 5
+
+
+class SecuritySettings(_Section):
+    mode: Mode = Mode.AUTHENTICATED
+    require_auth: bool | None = None
+    allow_query_token: bool = False
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    ip_allow: list[str] = msgspec.field(default_factory=list)
+    ip_deny: list[str] = msgspec.field(default_factory=list)
+    token: TokenSettings = msgspec.field(default_factory=TokenSettings)
+    origins: OriginSettings = msgspec.field(default_factory=OriginSettings)
+    tls: TlsSettings = msgspec.field(default_factory=TlsSettings)
+    audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
+
+
+class StoreSettings(_Section):
+    backend: str = "sqlite"
+    path: str = ""
+    """SQLite file; default ``<data dir>/wardgate.db``."""
+    url: str = ""
+    poll_interval: float = 0.25
+    """Seconds between checks for revocations made by other processes."""
+
+
+class LimitSettings(_Section):
+    init_timeout: float = 10.0
+    """Seconds a client has to send ``initialize`` after the upgrade (close 4408)."""
+    max_message_bytes: int = MIB
+    """Largest WebSocket message accepted, checked before any parsing (close 1009)."""
+    heartbeat: float = 20.0
+    """Seconds between pings; a peer that does not answer is disconnected."""
+
+
+class LoggingSettings(_Section):
+    level: str = "info"
+    format: str = "console"
+
+
+class WorkspaceSettings(_Section):
+    root: str = "."
+
+
+class Config(_Section):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    security: SecuritySettings = msgspec.field(default_factory=SecuritySettings)
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+    limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
+    logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    workspace: WorkspaceSettings = msgspec.field(default_factory=WorkspaceSettings)
+    data_dir: str = ""
+    """Where keys, the store and the audit log live; default ``$WARDGATE_HOME``."""
+
+    @property
+    def home(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def require_auth(self) -> bool:
+        value = self.security.require_auth
+        return self.security.mode is not Mode.LOCAL if value is None else value
+
+    @property
+    def audit_enabled(self) -> bool:
+        value = self.security.audit.enabled
+        return self.security.mode is not Mode.LOCAL if value is None else value
+
+    @property
+    def strict_mode(self) -> bool:
+        return self.security.mode in (Mode.REMOTE, Mode.ENTERPRISE)
+
+    @property
+    def pairing_expiry(self) -> int:
+        value = self.security.token.pairing_expiry
+        return (1800 if self.strict_mode else 3600) if value is None else value
+
+    @property
+    def refresh_expiry(self) -> int:
+        value = self.security.token.refresh_expiry
+        return (7 if self.strict_mode else 30) * 86400 if value is None else value
+
+    @property
+    def origin_patterns(self) -> list[str]:
+        if self.security.origins.allowed is not None:
+            return self.security.origins.allowed
+        if self.strict_mode:
+            return []
+        from wardgate.gate.origin import LOOPBACK_ORIGIN_PATTERNS
+
+        return list(LOOPBACK_ORIGIN_PATTERNS)
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store.path).expanduser() if self.store.path else self.home / "wardgate.db"
+
+    @property
+    def audit_path(self) -> Path:
+        log_file = self.security.audit.log_file
+        return Path(log_file).expanduser() if log_file else self.home / "audit.log"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.security.tls.enabled or self.security.tls.auto_cert
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    return Path(environ.get(HOME_ENV) or "~/.wardgate").expanduser()
+
+
+def _leaf_paths(
+    struct_type: type[msgspec.Struct], prefix: tuple[str, ...] = ()
+) -> dict[str, tuple[str, ...]]:
+    """Map ``WARDGATE_SECTION_KEY`` names to setting paths, from the schema itself."""
+    out: dict[str, tuple[str, ...]] = {}
+    for info in msgspec.structs.fields(struct_type):
+        path = (*prefix, info.name)
+        sub = info.type
+        if isinstance(sub, type) and issubclass(sub, msgspec.Struct):
+            out.update(_leaf_paths(sub, path))
+        else:
+            out[ENV_PREFIX + "_".join(path).upper()] = path
+    return out
+
+
+ENV_SETTINGS: Final = _leaf_paths(Config)
+_SECTIONS: Final = {name.upper() for name in Config.__struct_fields__}
+# Variables that are not settings but share the prefix.
+_NOT_SETTINGS: Final = {HOME_ENV, "WARDGATE_SIGNING_KEYS", "WARDGATE_SERVER_ID", "WARDGATE_CONFIG"}
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        node = tree.get(part)
+        if not isinstance(node, dict):
+            node = tree[part] = {}
+        tree = node
+    tree[path[-1]] = value
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings given as ``WARDGATE_*`` env vars, as a nested dict."""
+    tree: dict[str, Any] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS:
+            continue
+        path = ENV_SETTINGS.get(name)
+        if path is None:
+            section = name[len(ENV_PREFIX) :].split("_", 1)[0]
+            if section in _SECTIONS:
+                raise ConfigError(
+                    f"{name} is not a wardgate setting (see the README's configuration reference)"
+                )
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"{name}: the value is not a valid YAML scalar") from None
+        _set_path(tree, path, value)
+    return tree
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must contain a mapping of settings")
+    return data
+
+
+def load_config(
+    *,
+    config_file: Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the effective configuration and check it against its mode."""
+    env = os.environ if environ is None else environ
+    home = default_home(env)
+    path = config_file or (
+        Path(env["WARDGATE_CONFIG"]) if env.get("WARDGATE_CONFIG") else home / "config.yaml"
+    )
+    if config_file is not None and not config_file.exists():
+        raise ConfigError(f"config file {config_file} does not exist")
+    tree: dict[str, Any] = {"data_dir": str(home)}
+    tree = _merge(tree, read_config_file(path))
+    tree = _merge(tree, env_overrides(env))
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            _set_path(tree, tuple(dotted.split(".")), value)
+    try:
+        config = msgspec.convert(tree, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
+    validate(config)
+    return config
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    # msgspec says e.g. "Expected `int`, got `str` - at `$.server.port`"; show the setting path.
+    text = str(exc)
+    message, _, where = text.partition(" - at `$.")
+    if where:
+        return f"{where.rstrip('`').replace('[', ' [')}: {message}"
+    return message
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate(config: Config) -> None:
+    """Refuse a configuration that contradicts its mode, naming the setting to change."""
+    sec = config.security
+    mode = sec.mode
+    if not 0 <= config.server.port < 65536:
+        raise ConfigError(f"server.port {config.server.port} is not a TCP port (0-65535; 0 picks a free one)")
+    if mode in (Mode.LOCAL, Mode.AUTHENTICATED) and not is_loopback_host(config.server.host):
+        raise ConfigError(
+            f"server.host {config.server.host!r} is not a loopback address, but security.mode "
+            f"{mode.value!r} only listens on loopback; set security.mode: remote (with TLS) to "
+            "accept connections from other machines"
+        )
+    if not config.require_auth and mode is not Mode.LOCAL:
+        raise ConfigError(
+            f"security.require_auth: false is only allowed in security.mode: local (mode is {mode.value!r})"
+        )
+    if sec.origins.allow_all and mode is not Mode.LOCAL:
+        raise ConfigError(
+            "security.origins.allow_all: true is only allowed in security.mode: local; "
+            "list the allowed origins in security.origins.allowed instead"
+        )
+    if sec.tls.enabled and not sec.tls.auto_cert and not (sec.tls.cert_file and sec.tls.key_file):
+        raise ConfigError(
+            "security.tls.enabled needs security.tls.cert_file and security.tls.key_file, "
+            "or security.tls.auto_cert: true"
+        )
+    if config.strict_mode:
+        if not config.tls_enabled and not sec.tls.terminated_by_proxy:
+            raise ConfigError(
+                f"security.mode {mode.value!r} requires TLS: set security.tls.enabled: true "
+                "(with security.tls.auto_cert: true or cert_file/key_file), or "
+                "security.tls.terminated_by_proxy: true if a reverse proxy terminates TLS"
+            )
+        if not config.origin_patterns:
+            raise ConfigError(
+                f"security.mode {mode.value!r} requires an explicit origin list: "
+                "set security.origins.allowed (e.g. ['https://*.devtunnels.ms'])"
+            )
+    if mode is Mode.ENTERPRISE and not config.audit_enabled:
+        raise ConfigError("security.mode 'enterprise' requires security.audit.enabled: true")
+    if config.store.backend not in ("sqlite", "redis"):
+        raise ConfigError(f"store.backend {config.store.backend!r} is not one of: sqlite, redis")
+    if config.store.backend == "redis" and not config.store.url:
+        raise ConfigError("store.backend: redis needs store.url (redis:// or rediss://)")
+    for name, value in (
+        ("security.token.session_expiry", sec.token.session_expiry),
+        ("security.token.pairing_expiry", config.pairing_expiry),
+        ("security.token.refresh_expiry", config.refresh_expiry),
+        ("limits.max_message_bytes", config.limits.max_message_bytes),
+    ):
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive")
+    if config.limits.init_timeout <= 0:
+        raise ConfigError("limits.init_timeout must be positive")
+    if config.logging.format not in ("console", "json"):
+        raise ConfigError(f"logging.format {config.logging.format!r} is not one of: console, json")
+    _validate_policies(config)
+
+
+def _validate_policies(config: Config) -> None:
+    """Parse origin patterns, host names and networks once so errors show at start."""
+    from wardgate.gate.host import HostPolicy
+    from wardgate.gate.network import parse_networks
+    from wardgate.gate.origin import OriginPolicy
+
+    sec = config.security
+    for setting, build in (
+        ("security.origins.allowed", lambda: OriginPolicy(config.origin_patterns)),
+        ("security.allowed_hosts", lambda: HostPolicy(allowed_host_names(config))),
+        ("security.trusted_proxies", lambda: parse_networks(sec.trusted_proxies)),
+        ("security.ip_allow", lambda: parse_networks(sec.ip_allow)),
+        ("security.ip_deny", lambda: parse_networks(sec.ip_deny)),
+    ):
+        try:
+            build()
+        except ValueError as exc:
+            raise ConfigError(f"{setting}: {exc}") from None
+
+
+def allowed_host_names(config: Config) -> list[str]:
+    """Host header names accepted: loopback names, the bind address, the public URL's host, and the list."""
+    from urllib.parse import urlsplit
+
+    from wardgate.gate.host import DEFAULT_ALLOWED_HOSTS
+
+    names = list(DEFAULT_ALLOWED_HOSTS)
+    if config.server.host not in ("0.0.0.0", "::", ""):  # noqa: S104 - comparing, not binding
+        names.append(config.server.host)
+    if config.server.public_url:
+        public_host = urlsplit(config.server.public_url).hostname
+        if public_host:
+            names.append(public_host)
+    names.extend(config.security.allowed_hosts)
+    return list(dict.fromkeys(name.lower() for name in names))
