@@ -1,0 +1,186 @@
+"""One store interface for every backend (SQLite now, Redis for several instances).
+
+The store holds only what must outlive a process: devices, refresh-token
+families (token hashes, never tokens), consumed pairing nonces, revocations and
+a few counters. Session tokens are self-verifying and never stored.
+
+Every operation that changes credentials is one atomic step in the backend
+(one SQLite transaction, one Redis script), so two instances or two concurrent
+requests can never both redeem one pairing token or both rotate one refresh
+token. Every change that can invalidate a live connection bumps ``revision``,
+which daemons poll to notice revocations made elsewhere (the CLI, another
+instance) within a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+def token_hash(token: str) -> str:
+    """What the store keeps instead of a long-lived token: its SHA-256, hex."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    id: str
+    name: str
+    role: str
+    created_at: float
+    client_info: str = ""
+    """JSON text the client sent (clientInfo, its own device id); display only."""
+    last_seen: float | None = None
+    last_ip: str | None = None
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A refresh-token family: the chain of refresh tokens one pairing started."""
+
+    id: str
+    device_id: str
+    created_at: float
+    expires_at: float
+    last_used_at: float | None = None
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewRefresh:
+    """A refresh token to record: its hash, family and expiry."""
+
+    token_hash: str
+    family_id: str
+    expires_at: float
+
+
+class RedeemOutcome(StrEnum):
+    REDEEMED = "redeemed"
+    ALREADY_USED = "already_used"
+    STALE_GENERATION = "stale_generation"
+
+
+class RotateOutcome(StrEnum):
+    ROTATED = "rotated"
+    REUSED = "reused"
+    """An already-used refresh token came back: the device is now revoked."""
+    UNKNOWN = "unknown"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class RotateResult:
+    outcome: RotateOutcome
+    device_id: str | None = None
+    family_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Revocations:
+    """A snapshot of everything that invalidates otherwise valid session tokens."""
+
+    revision: int
+    devices: frozenset[str] = field(default_factory=frozenset)
+    families: frozenset[str] = field(default_factory=frozenset)
+    tokens: frozenset[str] = field(default_factory=frozenset)
+    """Revoked token ids (``jti``) not yet expired."""
+    not_before: float = 0.0
+    """Sessions issued before this time are revoked (``wardgate token revoke-all``)."""
+
+    def session_revoked(self, *, device: str | None, family: str | None, jti: str, iat: float) -> bool:
+        return (
+            iat < self.not_before
+            or jti in self.tokens
+            or (device is not None and device in self.devices)
+            or (family is not None and family in self.families)
+        )
+
+
+class Store(abc.ABC):
+    """The persistent state of wardgate. All methods are coroutines; all writes are atomic."""
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # --- revocation state ------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def revision(self) -> int:
+        """A counter bumped by every change that can invalidate a live connection."""
+
+    @abc.abstractmethod
+    async def revocations(self, now: float) -> Revocations: ...
+
+    # --- pairing -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def pairing_generation(self) -> int: ...
+
+    @abc.abstractmethod
+    async def bump_pairing_generation(self) -> int:
+        """Invalidate every outstanding pairing token (``wardgate pair --refresh``)."""
+
+    @abc.abstractmethod
+    async def nonce_consumed(self, jti: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def redeem_pairing(
+        self,
+        *,
+        jti: str,
+        generation: int,
+        nonce_expires_at: float,
+        device: Device,
+        family: Family,
+        refresh: NewRefresh,
+    ) -> RedeemOutcome:
+        """Atomically consume a pairing nonce and register the device with its first refresh token."""
+
+    # --- devices ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_device(self, device_id: str) -> Device | None: ...
+
+    @abc.abstractmethod
+    async def list_devices(self) -> list[Device]: ...
+
+    @abc.abstractmethod
+    async def touch_device(self, device_id: str, *, ip: str | None, now: float) -> None: ...
+
+    @abc.abstractmethod
+    async def revoke_device(self, device_id: str, *, now: float) -> bool:
+        """Revoke a device and all its refresh families. False if unknown or already revoked."""
+
+    # --- refresh tokens --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def rotate_refresh(self, old_hash: str, new: NewRefresh, *, now: float) -> RotateResult:
+        """Use a refresh token once: replace it with ``new``, or detect reuse and revoke the device."""
+
+    @abc.abstractmethod
+    async def list_families(self, *, include_revoked: bool = False) -> list[Family]: ...
+
+    @abc.abstractmethod
+    async def revoke_family(self, family_id: str, *, now: float) -> bool: ...
+
+    @abc.abstractmethod
+    async def revoke_all(self, *, now: float) -> int:
+        """Revoke every family and every session issued so far; returns the families revoked."""
+
+    # --- single tokens ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def revoke_token(self, jti: str, *, expires_at: float) -> None:
+        """Revoke one session token by id until it would have expired anyway."""
+
+    @abc.abstractmethod
+    async def prune(self, *, now: float) -> None:
+        """Drop records that can no longer matter (expired nonces, revocations, used tokens)."""
