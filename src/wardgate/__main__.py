@@ -1,0 +1,5 @@
+"""``python -m wardgate`` is the ``wardgate`` command."""
+
+from wardgate.cli import main
+
+main()

@@ -1,0 +1,353 @@
+"""One authenticated WebSocket connection: JSON-RPC lifecycle, dispatch and timers.
+
+The gate has already run (see ``server.app``): by the time a ``Connection``
+exists, the request passed the address, host and origin checks and its
+credential was verified. This module only moves messages and applies the
+lifecycle (``rpc.lifecycle``) and the method registry (``rpc.registry``).
+
+Timers, not polling, end a connection: the ``initialize`` deadline (close
+4408), the session expiry (``auth/expired`` then 4401) and revocation
+(``auth/revoked`` then 4401, triggered by the gateway when it learns of one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+from aiohttp import WSMsgType, web
+
+from wardgate import __version__
+from wardgate.authority import Principal
+from wardgate.errors import (
+    CLOSE_INIT_TIMEOUT,
+    CLOSE_NORMAL,
+    CLOSE_SESSION_EXPIRED,
+    AuthError,
+    InternalError,
+    InvalidParams,
+    InvalidToken,
+    WardgateError,
+)
+from wardgate.roles import scopes_for
+from wardgate.rpc import jsonrpc
+from wardgate.rpc.lifecycle import Event, Lifecycle, State
+from wardgate.rpc.registry import convert_params
+from wardgate.tokens import TokenClaims
+
+if TYPE_CHECKING:
+    from wardgate.server.app import Gateway
+
+log = logging.getLogger("wardgate.ws")
+
+PROTOCOL_VERSION: Final = "2025-06-18"
+
+
+def iso8601(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class AuthParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    token: str | None = None
+    deviceId: str | None = None
+    deviceName: str | None = None
+
+
+class InitializeParams(msgspec.Struct, omit_defaults=True):
+    protocolVersion: str = ""
+    clientInfo: dict[str, Any] | None = None
+    capabilities: dict[str, Any] | None = None
+    rootPath: str | None = None
+    auth: AuthParams | None = None
+
+
+class RefreshParams(msgspec.Struct, forbid_unknown_fields=True):
+    sessionToken: str
+
+
+# Close reasons are short fixed strings (<= 123 bytes), never user input.
+REASON_INIT_TIMEOUT: Final = "initialize timeout"
+REASON_EXPIRED: Final = "session expired"
+REASON_REVOKED: Final = "session revoked"
+REASON_LOGGED_OUT: Final = "logged out"
+REASON_SHUTDOWN: Final = "shutdown"
+
+
+class Connection:
+    """A live WebSocket: who it is, where it is in the lifecycle, and its timers."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        ws: web.WebSocketResponse,
+        *,
+        conn_id: str,
+        principal: Principal,
+        client_ip: str | None,
+        token: str | None,
+    ) -> None:
+        self.gateway = gateway
+        self.ws = ws
+        self.id = conn_id
+        self.principal = principal
+        self.client_ip = client_ip
+        self._transport_token = token
+        self.lifecycle = Lifecycle()
+        self.opened_at = time.time()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._closing = False
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._close_after_reply: tuple[int, str] | None = None
+        """Set by a method whose answer ends the connection: sent first, then closed."""
+        self.messages_in = 0
+
+    # --- identity ----------------------------------------------------------------------------
+
+    @property
+    def scopes(self) -> frozenset[Any]:
+        return self.principal.scopes
+
+    @property
+    def session_claims(self) -> TokenClaims | None:
+        return self.principal.claims if self.principal.kind == "session" else None
+
+    @property
+    def device_id(self) -> str | None:
+        return self.principal.device_id
+
+    # --- timers ------------------------------------------------------------------------------
+
+    def _set_timer(self, name: str, at: float, action: Callable[[], Awaitable[None]]) -> None:
+        self._cancel_timer(name)
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, at - time.time())
+        self._timers[name] = loop.call_later(delay, self._spawn, action)
+
+    def _spawn(self, action: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.ensure_future(action())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _cancel_timer(self, name: str) -> None:
+        handle = self._timers.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _schedule_expiry(self) -> None:
+        claims = self.session_claims
+        if claims is not None:
+            self._set_timer("expiry", claims.exp, self.expire)
+
+    # --- ending ------------------------------------------------------------------------------
+
+    async def close(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        for name in list(self._timers):
+            self._cancel_timer(name)
+        self.lifecycle.apply(Event.CLOSE)
+        await self.ws.close(code=code, message=reason.encode())
+
+    async def _end_session(self, notification: str, reason: str) -> None:
+        if self._closing:
+            return
+        with contextlib.suppress(ConnectionError):
+            await self.notify(notification, {"reason": reason.replace(" ", "_")})
+        await self.close(CLOSE_SESSION_EXPIRED, reason)
+
+    async def expire(self) -> None:
+        self.gateway.audit("session.expired", device=self.device_id, ip=self.client_ip)
+        await self._end_session("auth/expired", REASON_EXPIRED)
+
+    async def revoke(self) -> None:
+        self.gateway.audit("session.closed_revoked", device=self.device_id, ip=self.client_ip)
+        await self._end_session("auth/revoked", REASON_REVOKED)
+
+    async def _init_timeout(self) -> None:
+        if self.lifecycle.state is State.AWAIT_INIT:
+            await self.close(CLOSE_INIT_TIMEOUT, REASON_INIT_TIMEOUT)
+
+    # --- sending -----------------------------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        if not self.ws.closed:
+            await self.ws.send_frame(data, WSMsgType.TEXT)
+
+    async def notify(self, method: str, params: Any = None) -> None:
+        await self.send(jsonrpc.encode_notification(method, params))
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._set_timer("init", time.time() + self.gateway.config.limits.init_timeout, self._init_timeout)
+        async for message in self.ws:
+            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                self.messages_in += 1
+                reply = await self.handle(message.data)
+                if reply is not None:
+                    await self.send(reply)
+                if self._close_after_reply is not None:
+                    await self.close(*self._close_after_reply)
+            elif message.type is WSMsgType.ERROR:
+                break
+        self.lifecycle.apply(Event.CLOSE)
+        for name in list(self._timers):
+            self._cancel_timer(name)
+
+    async def handle(self, data: bytes | str) -> bytes | None:
+        """Answer one WebSocket message (a request, a notification or a batch)."""
+        claims = self.session_claims
+        if claims is not None and claims.exp <= time.time():
+            await self.expire()
+            return None
+        incoming = jsonrpc.parse_message(data)
+        replies: list[bytes] = []
+        for item in incoming.items:
+            if isinstance(item, jsonrpc.ErrorReply):
+                replies.append(item.encode())
+                continue
+            reply = await self.dispatch(item)
+            if reply is not None and not item.is_notification:
+                replies.append(reply)
+        if incoming.is_batch:
+            return jsonrpc.encode_batch(replies)
+        return replies[0] if replies else None
+
+    async def dispatch(self, request: jsonrpc.Request) -> bytes | None:
+        try:
+            result = await self._call(request)
+        except WardgateError as exc:
+            if isinstance(exc, AuthError) and request.method == "initialize":
+                # Authentication failed during initialize: answer, then end the connection.
+                self._close_after_reply = (exc.close_code, exc.reason.replace("_", " "))
+            return jsonrpc.encode_error_from(request.id, exc)
+        except Exception:
+            log.exception("method %s failed", request.method)
+            return jsonrpc.encode_error_from(request.id, InternalError())
+        return jsonrpc.encode_result(request.id, result)
+
+    async def _call(self, request: jsonrpc.Request) -> Any:
+        method = request.method
+        if method == "initialize":
+            if not self.lifecycle.allows(Event.INITIALIZE):
+                self.lifecycle.apply(Event.INITIALIZE)  # raises the refusal for this state
+            result = await self._initialize(convert_params(InitializeParams, request.params))
+            self.lifecycle.apply(Event.INITIALIZE)
+            self._cancel_timer("init")
+            self._schedule_expiry()
+            return result
+        if method == "initialized":
+            self.lifecycle.apply(Event.INITIALIZED)
+            return None
+        if method == "shutdown":
+            self.lifecycle.apply(Event.SHUTDOWN)
+            self._close_after_reply = (CLOSE_NORMAL, REASON_SHUTDOWN)
+            return None
+        self.lifecycle.apply(Event.CALL)
+        if method == "auth/refresh":
+            return await self._auth_refresh(convert_params(RefreshParams, request.params))
+        if method == "auth/revoke":
+            return await self._auth_revoke()
+        return await self.gateway.registry.call(self, method, request.params)
+
+    # --- lifecycle methods --------------------------------------------------------------------
+
+    async def _initialize(self, params: InitializeParams) -> dict[str, Any]:
+        gateway = self.gateway
+        auth = params.auth or AuthParams()
+        if params.rootPath is not None and not gateway.is_workspace_root(params.rootPath):
+            raise InvalidParams(hint="rootPath does not match this server's workspace")
+        if auth.token is not None:
+            if self._transport_token is None:
+                # Local mode without transport auth: a token given here is still verified.
+                self.principal = await gateway.authority.authenticate(auth.token)
+                self._transport_token = auth.token
+            elif not hmac.compare_digest(auth.token.encode(), self._transport_token.encode()):
+                raise InvalidToken(hint="auth.token must be the token the connection was opened with")
+        session: dict[str, Any] | None = None
+        if self.principal.kind == "pairing" and self.principal.claims is not None:
+            issued = await gateway.authority.redeem_pairing(
+                self.principal.claims,
+                device_name=auth.deviceName,
+                client_info={"clientInfo": params.clientInfo or {}, "deviceId": auth.deviceId},
+                ip=self.client_ip,
+            )
+            session_claims = gateway.authority.verify_session(issued.session_token)
+            self.principal = Principal(
+                kind="session",
+                role=issued.role,
+                scopes=scopes_for(issued.role),
+                device_id=issued.device_id,
+                claims=session_claims,
+            )
+            gateway.connection_authenticated(self)
+            gateway.audit("pairing.redeemed", device=issued.device_id, ip=self.client_ip, via="initialize")
+            session = {
+                "token": issued.session_token,
+                "expiresAt": iso8601(issued.session_expires_at),
+                "autoRefresh": gateway.config.security.token.auto_refresh,
+                "refreshToken": issued.refresh_token,
+                "refreshExpiresAt": iso8601(issued.refresh_expires_at),
+                "deviceId": issued.device_id,
+            }
+        elif self.session_claims is not None:
+            session = {
+                "expiresAt": iso8601(self.session_claims.exp),
+                "autoRefresh": gateway.config.security.token.auto_refresh,
+                "deviceId": self.device_id,
+            }
+        result: dict[str, Any] = {
+            "protocolVersion": PROTOCOL_VERSION,
+            "serverInfo": {"name": "wardgate", "version": __version__},
+            "capabilities": {
+                "methods": [spec.name for spec in gateway.registry],
+                "events": ["auth/expired", "auth/revoked"],
+            },
+            "clientId": self.id,
+            "role": self.principal.role,
+        }
+        if session is not None:
+            result["session"] = session
+        return result
+
+    async def _auth_refresh(self, params: RefreshParams) -> dict[str, Any]:
+        current = self.session_claims
+        if current is None:
+            raise InvalidToken(hint="this connection has no session to refresh")
+        presented = self.gateway.authority.verify_session(params.sessionToken)
+        if presented.jti != current.jti:
+            raise InvalidToken(hint="sessionToken is not this connection's current session")
+        token, claims = await self.gateway.authority.refresh_session(current)
+        self.principal = Principal(
+            kind="session",
+            role=self.principal.role,
+            scopes=self.principal.scopes,
+            device_id=self.device_id,
+            claims=claims,
+        )
+        self._schedule_expiry()
+        self.gateway.audit("session.refreshed", device=self.device_id, ip=self.client_ip)
+        return {"sessionToken": token, "expiresAt": iso8601(claims.exp)}
+
+    async def _auth_revoke(self) -> dict[str, Any]:
+        device = self.device_id
+        if device is not None:
+            await self.gateway.revoke_device(device, by="self", exclude=self)
+        self._close_after_reply = (CLOSE_NORMAL, REASON_LOGGED_OUT)
+        return {"revoked": device is not None}
+
+
+def workspace_matches(root: Path, given: str) -> bool:
+    try:
+        return Path(given).expanduser().resolve(strict=False) == root
+    except (OSError, ValueError, RuntimeError):
+        return False
