@@ -118,6 +118,10 @@ class LimitSettings(_Section):
     """Largest WebSocket message accepted, checked before any parsing (close 1009)."""
     heartbeat: float = 20.0
     """Seconds between pings; a peer that does not answer is disconnected."""
+    send_queue_messages: int = 1024
+    """Messages queued for one connection before it counts as a slow consumer (close 1008)."""
+    send_queue_bytes: int = 8 * MIB
+    """Bytes queued for one connection before it counts as a slow consumer (close 1008)."""
 
 
 class LoggingSettings(_Section):
@@ -125,8 +129,54 @@ class LoggingSettings(_Section):
     format: str = "console"
 
 
+class AgentSettings(_Section):
+    command: list[str] = msgspec.field(default_factory=list)
+    """Argument list run without a shell; ``{prompt}`` is replaced by the prompt as ONE argument,
+    e.g. ``["claude", "-p", "{prompt}"]``. Empty: no agent can be run."""
+
+
+DEFAULT_DENY: Final = (
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    ".git/config",
+    ".git-credentials",
+    ".netrc",
+    ".npmrc",
+    ".pypirc",
+    "id_rsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".ssh/*",
+    ".aws/*",
+    ".docker/config.json",
+    "credentials*",
+    "secrets.*",
+)
+DEFAULT_AGENT_ENV: Final = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "USER", "LOGNAME", "TMPDIR")
+
+
 class WorkspaceSettings(_Section):
     root: str = "."
+    agent: AgentSettings = msgspec.field(default_factory=AgentSettings)
+    """The default agent (``agent_type`` omitted or ``"default"``)."""
+    agents: dict[str, AgentSettings] = msgspec.field(default_factory=dict)
+    """More named agents, chosen by ``agent/run``'s ``agent_type``."""
+    max_running_agents: int = 1
+    stop_grace: float = 5.0
+    """Seconds between SIGTERM and SIGKILL when an agent is stopped."""
+    env_allowlist: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_AGENT_ENV))
+    """Environment variables passed to agents; nothing else from wardgate's environment is."""
+    history_lines: int = 10_000
+    """Output lines kept per agent session for catching up (``session/get``)."""
+    max_line_bytes: int = 64 * 1024
+    deny: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_DENY))
+    """Glob patterns (relative to the workspace) that are never read, even inside it."""
+    max_file_bytes: int = MIB
+    max_list_entries: int = 5000
 
 
 class Config(_Section):

@@ -32,6 +32,13 @@ path or an exception text from somewhere else.
     │   └── TooManyConnections      503  too_many_connections
     ├── StoreUnavailable            503  store_unavailable
     └── ApplicationError                  a method failed (-32010 and below)
+        ├── AgentNotConfigured           -32011 agent_not_configured
+        ├── AgentBusy                    -32012 agent_busy
+        ├── AgentNotRunning              -32013 agent_not_running
+        ├── SessionNotFound              -32014 session_not_found
+        ├── PathRefused                  -32015 path_refused
+        ├── FileNotFound                 -32016 file_not_found
+        ├── GitFailed                    -32017 git_failed
         └── InternalError           500  -32603 internal_error
 """
 
@@ -262,3 +269,49 @@ class InternalError(ApplicationError):
     rpc_code = INTERNAL_ERROR
     close_code = CLOSE_INTERNAL_ERROR
     message = "Internal error"
+
+
+class AgentNotConfigured(ApplicationError):
+    reason = "agent_not_configured"
+    rpc_code = -32011
+    message = "No agent of this type is configured (workspace.agent.command / workspace.agents)."
+
+
+class AgentBusy(ApplicationError):
+    reason = "agent_busy"
+    rpc_code = -32012
+    message = "An agent is already running in this workspace."
+
+
+class AgentNotRunning(ApplicationError):
+    reason = "agent_not_running"
+    rpc_code = -32013
+    message = "No agent is running in this session."
+
+
+class SessionNotFound(ApplicationError):
+    reason = "session_not_found"
+    rpc_code = -32014
+    message = "No such session."
+
+
+class PathRefused(ApplicationError):
+    """The path is outside the workspace, deny-listed or malformed. One message for all, on purpose."""
+
+    reason = "path_refused"
+    http_status = 403
+    rpc_code = -32015
+    message = "This path is not available."
+
+
+class FileNotFound(ApplicationError):
+    reason = "file_not_found"
+    http_status = 404
+    rpc_code = -32016
+    message = "No such file in the workspace."
+
+
+class GitFailed(ApplicationError):
+    reason = "git_failed"
+    rpc_code = -32017
+    message = "git failed."

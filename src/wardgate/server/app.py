@@ -13,6 +13,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -41,6 +42,7 @@ from wardgate.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
     from wardgate.audit import AuditLog
+    from wardgate.services.agent import AgentManager
 
 log = logging.getLogger("wardgate.server")
 
@@ -74,9 +76,16 @@ class Gateway:
             else None
         )
         self._watcher: asyncio.Task[None] | None = None
-        from wardgate.services import status
+        self._tasks: set[asyncio.Future[None]] = set()
+        self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+        """Run when the daemon stops, before connections close (services stop their work here)."""
+        self.disconnect_hooks: list[Callable[[Connection], None]] = []
+        """Run when a connection ends (services drop its subscriptions here)."""
+        self.agents: AgentManager | None = None
+        """Set by ``services.agent.install``."""
+        from wardgate.services import install_all
 
-        status.register(self.registry)
+        install_all(self)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -91,6 +100,11 @@ class Gateway:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
+        for hook in self.shutdown_hooks:
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
         for conn in list(self.connections.values()):
             await conn.close(CLOSE_GOING_AWAY, "server shutting down")
         await self.store.close()
@@ -109,19 +123,28 @@ class Gateway:
             except Exception:
                 log.exception("revocation watcher failed")
 
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def enforce_revocations(self) -> None:
-        """Close every live connection whose session is now revoked."""
+        """Close every live connection whose session is now revoked.
+
+        The closes run in the background: a close waits for the peer's close frame, and the
+        request that caused the revocation must not wait for that.
+        """
         for conn in list(self.connections.values()):
             claims = conn.session_claims
             if claims is not None and self.authority.session_revoked(claims):
-                await conn.revoke()
+                self._spawn(conn.revoke())
 
     async def revoke_device(self, device_id: str, *, by: str, exclude: Connection | None = None) -> bool:
         changed = await self.authority.revoke_device(device_id)
         self.audit("device.revoked", device=device_id, by=by)
         for conn in list(self.connections.values()):
             if conn is not exclude and conn.device_id == device_id:
-                await conn.revoke()
+                self._spawn(conn.revoke())
         return changed
 
     # --- bookkeeping -------------------------------------------------------------------------
@@ -222,6 +245,11 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
         await conn.run()
     finally:
         gateway.connections.pop(conn_id, None)
+        for hook in gateway.disconnect_hooks:
+            try:
+                hook(conn)
+            except Exception:
+                log.exception("disconnect hook failed")
         gateway.audit("connection.closed", conn=conn_id, device=conn.device_id, code=ws.close_code)
     return ws
 

@@ -13,6 +13,7 @@ Timers, not polling, end a connection: the ``initialize`` deadline (close
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import logging
@@ -30,6 +31,7 @@ from wardgate.authority import Principal
 from wardgate.errors import (
     CLOSE_INIT_TIMEOUT,
     CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
     CLOSE_SESSION_EXPIRED,
     AuthError,
     InternalError,
@@ -79,6 +81,9 @@ REASON_EXPIRED: Final = "session expired"
 REASON_REVOKED: Final = "session revoked"
 REASON_LOGGED_OUT: Final = "logged out"
 REASON_SHUTDOWN: Final = "shutdown"
+REASON_SLOW_CONSUMER: Final = "send queue full"
+FLUSH_TIMEOUT: Final = 1.0
+"""Seconds a closing connection may spend delivering what it still has queued."""
 
 
 class Connection:
@@ -105,6 +110,11 @@ class Connection:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._closing = False
         self._tasks: set[asyncio.Future[None]] = set()
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._outbox_bytes = 0
+        self._outbox_ready = asyncio.Event()
+        self._outbox_drained = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
         self._close_after_reply: tuple[int, str] | None = None
         """Set by a method whose answer ends the connection: sent first, then closed."""
         self.messages_in = 0
@@ -148,20 +158,23 @@ class Connection:
 
     # --- ending ------------------------------------------------------------------------------
 
-    async def close(self, code: int, reason: str) -> None:
+    async def close(self, code: int, reason: str, *, flush: bool = True) -> None:
+        """Close once: deliver what is queued (briefly), then send the close frame."""
         if self._closing:
             return
         self._closing = True
         for name in list(self._timers):
             self._cancel_timer(name)
         self.lifecycle.apply(Event.CLOSE)
+        if flush:
+            await self._flush(FLUSH_TIMEOUT)
+        self._stop_writer()
         await self.ws.close(code=code, message=reason.encode())
 
     async def _end_session(self, notification: str, reason: str) -> None:
         if self._closing:
             return
-        with contextlib.suppress(ConnectionError):
-            await self.notify(notification, {"reason": reason.replace(" ", "_")})
+        self.post(jsonrpc.encode_notification(notification, {"reason": reason.replace(" ", "_")}))
         await self.close(CLOSE_SESSION_EXPIRED, reason)
 
     async def expire(self) -> None:
@@ -178,30 +191,74 @@ class Connection:
 
     # --- sending -----------------------------------------------------------------------------
 
-    async def send(self, data: bytes) -> None:
-        if not self.ws.closed:
-            await self.ws.send_frame(data, WSMsgType.TEXT)
+    def post(self, data: bytes) -> bool:
+        """Queue a text frame without waiting. A peer that stops reading fills its bounded
+        queue and is disconnected, so it can neither block the sender nor grow memory."""
+        if self._closing:
+            return False
+        limits = self.gateway.config.limits
+        if len(self._outbox) >= limits.send_queue_messages or self._outbox_bytes + len(data) > limits.send_queue_bytes:
+            log.warning("send queue full: disconnecting a slow consumer")
+            self._spawn(self._slow_consumer)
+            return False
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        self._outbox_ready.set()
+        return True
 
-    async def notify(self, method: str, params: Any = None) -> None:
-        await self.send(jsonrpc.encode_notification(method, params))
+    def notify(self, method: str, params: Any = None) -> bool:
+        """Queue a JSON-RPC notification; False if the connection is closing or was too slow."""
+        return self.post(jsonrpc.encode_notification(method, params))
+
+    async def _slow_consumer(self) -> None:
+        self.gateway.audit("connection.slow_consumer", conn=self.id, device=self.device_id, ip=self.client_ip)
+        await self.close(CLOSE_POLICY_VIOLATION, REASON_SLOW_CONSUMER, flush=False)
+
+    async def _write_loop(self) -> None:
+        outbox = self._outbox
+        while True:
+            await self._outbox_ready.wait()
+            while outbox:
+                data = outbox[0]
+                await self.ws.send_frame(data, WSMsgType.TEXT)
+                outbox.popleft()
+                self._outbox_bytes -= len(data)
+            self._outbox_ready.clear()
+            self._outbox_drained.set()
+
+    async def _flush(self, timeout: float) -> None:
+        if self._writer is None or not self._outbox:
+            return
+        self._outbox_drained.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._outbox_drained.wait(), timeout)
+
+    def _stop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
 
     # --- receiving ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop())
         self._set_timer("init", time.time() + self.gateway.config.limits.init_timeout, self._init_timeout)
-        async for message in self.ws:
-            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                self.messages_in += 1
-                reply = await self.handle(message.data)
-                if reply is not None:
-                    await self.send(reply)
-                if self._close_after_reply is not None:
-                    await self.close(*self._close_after_reply)
-            elif message.type is WSMsgType.ERROR:
-                break
-        self.lifecycle.apply(Event.CLOSE)
-        for name in list(self._timers):
-            self._cancel_timer(name)
+        try:
+            async for message in self.ws:
+                if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    self.messages_in += 1
+                    reply = await self.handle(message.data)
+                    if reply is not None:
+                        self.post(reply)
+                    if self._close_after_reply is not None:
+                        await self.close(*self._close_after_reply)
+                elif message.type is WSMsgType.ERROR:
+                    break
+        finally:
+            self.lifecycle.apply(Event.CLOSE)
+            for name in list(self._timers):
+                self._cancel_timer(name)
+            self._stop_writer()
 
     async def handle(self, data: bytes | str) -> bytes | None:
         """Answer one WebSocket message (a request, a notification or a batch)."""

@@ -10,7 +10,12 @@ from wardgate.roles import Scope
 from wardgate.rpc.registry import NoParams, Registry
 
 if TYPE_CHECKING:
+    from wardgate.server.app import Gateway
     from wardgate.server.ws import Connection
+
+
+def install(gateway: Gateway) -> None:
+    register(gateway.registry)
 
 
 def register(registry: Registry[Connection]) -> None:
