@@ -134,7 +134,14 @@ async def _serve(config: Config) -> None:
     gateway = create_gateway(config)
     ssl_context, fingerprint = server_ssl_for(config)
     app = build_app(gateway)
-    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access"), handle_signals=False)
+    runner = web.AppRunner(
+        app,
+        access_log=logging.getLogger("aiohttp.access"),
+        handle_signals=False,
+        # aiohttp arms this timer when a connection opens and closes it if no complete request
+        # head arrived in time: the defence against slow-header (slowloris) clients.
+        keepalive_timeout=config.limits.handshake_timeout,
+    )
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -416,6 +423,114 @@ def security_status(config_file: ConfigOption = None) -> None:
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)
+
+
+# --- doctor -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def doctor(
+    config_file: ConfigOption = None,
+    origin: Annotated[
+        str | None, typer.Option(help="The Origin header the client sends (omit: none).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="The Host header the client sends.")] = "127.0.0.1:8766",
+    ip: Annotated[
+        str, typer.Option(help="The address wardgate sees the connection come from.")
+    ] = "127.0.0.1",
+    forwarded_for: Annotated[
+        str | None, typer.Option("--forwarded-for", help="The X-Forwarded-For header, if a proxy adds one.")
+    ] = None,
+    token: Annotated[str | None, typer.Option(help="A token to verify (never printed).")] = None,
+    cookie: Annotated[
+        bool, typer.Option("--cookie", help="Pretend the token comes in the session cookie.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Run the gate on a described request, without a network, and say which check decides."""
+    from wardgate.gate.credentials import SESSION_COOKIE
+    from wardgate.gate.decide import GatePolicy, HandshakeFacts, Verdict, precheck
+
+    config = _load(config_file)
+    headers: dict[str, str] = {}
+    if token:
+        headers["Cookie" if cookie else "Authorization"] = (
+            f"{SESSION_COOKIE}={token}" if cookie else f"Bearer {token}"
+        )
+    from multidict import CIMultiDict
+
+    facts = HandshakeFacts(
+        peer=ip,
+        host=host,
+        origin=origin,
+        forwarded_for=forwarded_for,
+        headers=CIMultiDict(headers),
+        scheme="https" if config.tls_enabled else "http",
+    )
+    check = precheck(facts, GatePolicy.from_config(config))
+    verdicts = list(check.verdicts)
+    failure = check.failure
+    if failure is None:
+        if check.credential is None:
+            if config.require_auth:
+                failure = _authentication_required()
+                verdicts.append(
+                    Verdict("authentication", False, "no credential, and authentication is required")
+                )
+            else:
+                verdicts.append(Verdict("authentication", True, "not required (local mode)"))
+        else:
+            credential = check.credential
+
+            async def verify() -> str:
+                async with _authority(config) as authority:
+                    await authority.reload_revocations()
+                    principal = await authority.authenticate(credential.token)
+                    return f"valid {principal.kind} token, role {principal.role}"
+
+            try:
+                verdicts.append(Verdict("authentication", True, asyncio.run(verify())))
+            except WardgateError as exc:
+                failure = exc
+                verdicts.append(Verdict("authentication", False, exc.hint or exc.message))
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "allowed": failure is None,
+                    "reason": failure.reason if failure else None,
+                    "status": failure.http_status if failure else 101,
+                    "clientIp": str(check.client_ip) if check.client_ip else None,
+                    "checks": [
+                        {"check": v.check, "allowed": v.allowed, "detail": v.detail} for v in verdicts
+                    ],
+                    "hint": failure.hint if failure else None,
+                }
+            )
+        )
+    else:
+        table = Table("Check", "Verdict", "Why")
+        for v in verdicts:
+            table.add_row(v.check, "[green]pass[/green]" if v.allowed else "[red]refuse[/red]", v.detail)
+        out.print(table)
+        if failure is None:
+            out.print("[green]Allowed[/green]: the upgrade would proceed (101).")
+        else:
+            out.print(
+                f"[red]Refused[/red] with HTTP {failure.http_status} [bold]{failure.reason}[/bold]"
+                + (f": {failure.hint}" if failure.hint else ""),
+                highlight=False,
+            )
+    if failure is not None:
+        raise typer.Exit(1)
+
+
+def _authentication_required() -> WardgateError:
+    from wardgate.errors import AuthenticationRequired
+
+    return AuthenticationRequired(
+        hint="send a token (Authorization: Bearer, or the wardgate.bearer subprotocol)"
+    )
 
 
 def main() -> None:

@@ -118,6 +118,28 @@ class LimitSettings(_Section):
     """Largest WebSocket message accepted, checked before any parsing (close 1009)."""
     heartbeat: float = 20.0
     """Seconds between pings; a peer that does not answer is disconnected."""
+    handshake_timeout: float = 10.0
+    """Seconds a client has to send a complete HTTP request head (slow-header attacks); also
+    how long an idle keep-alive HTTP connection stays open."""
+    idle_timeout: float = 600.0
+    """Seconds without a message from the client before the WebSocket is closed (0: never)."""
+    max_connections: int = 1000
+    """WebSocket connections open at once, in total (then 503 / close 1013)."""
+    max_connections_per_ip: int = 50
+    max_connections_per_principal: int = 20
+    """Per paired device, API key or pairing code."""
+    handshakes_per_ip: int = 120
+    """Upgrade and auth API requests per client address per ``handshake_window`` (then 429)."""
+    handshake_window: float = 60.0
+    auth_failures_per_ip: int = 10
+    """Failed authentications per address per ``auth_failure_window`` before a lockout."""
+    auth_failure_window: float = 300.0
+    auth_lockout: float = 60.0
+    """First lockout in seconds; it doubles while failures go on, up to ``auth_lockout_max``."""
+    auth_lockout_max: float = 3600.0
+    messages_per_principal: int = 2000
+    """JSON-RPC messages per device/key per ``message_window``, summed over all its connections."""
+    message_window: float = 10.0
     send_queue_messages: int = 1024
     """Messages queued for one connection before it counts as a slow consumer (close 1008)."""
     send_queue_bytes: int = 8 * MIB
@@ -421,12 +443,13 @@ def validate(config: Config) -> None:
         ("security.token.session_expiry", sec.token.session_expiry),
         ("security.token.pairing_expiry", config.pairing_expiry),
         ("security.token.refresh_expiry", config.refresh_expiry),
-        ("limits.max_message_bytes", config.limits.max_message_bytes),
     ):
         if value <= 0:
             raise ConfigError(f"{name} must be positive")
-    if config.limits.init_timeout <= 0:
-        raise ConfigError("limits.init_timeout must be positive")
+    for name in LimitSettings.__struct_fields__:
+        value = getattr(config.limits, name)
+        if value < 0 or (value == 0 and name != "idle_timeout"):
+            raise ConfigError(f"limits.{name} must be positive")
     if config.logging.format not in ("console", "json"):
         raise ConfigError(f"logging.format {config.logging.format!r} is not one of: console, json")
     _validate_policies(config)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,3 +156,85 @@ class Rpc:
     async def close(self) -> None:
         await self.ws.close()
         await self.http.close()
+
+
+class RawWebSocket:
+    """A hand-rolled WebSocket client over a plain socket that reads only when told to.
+
+    Used to play a peer that stops reading (a slow consumer): aiohttp's client keeps
+    draining the socket in the background, which hides the very behaviour under test.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    def connect(cls, port: int, token: str, *, rcvbuf: int = 4096) -> RawWebSocket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: wardgate.v1\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n"
+        )
+        sock.sendall(request.encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(1)
+            if not chunk:
+                raise ConnectionError("closed during handshake")
+            head += chunk
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise ConnectionError(head.split(b"\r\n", 1)[0].decode())
+        return cls(sock)
+
+    def send_text(self, text: str) -> None:
+        payload = text.encode()
+        mask = os.urandom(4)
+        header = bytearray([0x81])
+        if len(payload) < 126:
+            header.append(0x80 | len(payload))
+        elif len(payload) < 65536:
+            header.append(0x80 | 126)
+            header += struct.pack("!H", len(payload))
+        else:
+            header.append(0x80 | 127)
+            header += struct.pack("!Q", len(payload))
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes(header) + mask + masked)
+
+    def drain_until_close(self, timeout: float = 20.0) -> int | None:
+        """Read everything the server sent; return the close code, or None if TCP just ended."""
+        self.sock.settimeout(timeout)
+        buffer = b""
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                chunk = b""
+            if not chunk:
+                break
+            buffer += chunk
+        # Walk the frames; the close frame (opcode 8) carries the code.
+        pos = 0
+        while pos + 2 <= len(buffer):
+            opcode = buffer[pos] & 0x0F
+            length = buffer[pos + 1] & 0x7F
+            pos += 2
+            if length == 126:
+                length = struct.unpack("!H", buffer[pos : pos + 2])[0]
+                pos += 2
+            elif length == 127:
+                length = struct.unpack("!Q", buffer[pos : pos + 8])[0]
+                pos += 8
+            if opcode == 8 and length >= 2:
+                return int(struct.unpack("!H", buffer[pos : pos + 2])[0])
+            pos += length
+        return None
+
+    def close(self) -> None:
+        self.sock.close()

@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from wardgate.errors import AuthenticationRequired, InvalidRequest, WardgateError
-from wardgate.gate.decide import precheck
+from wardgate.gate.decide import Precheck, precheck
 from wardgate.server.ws import iso8601
 
 if TYPE_CHECKING:
@@ -37,10 +37,7 @@ def _gateway(request: web.Request) -> Gateway:
     return request.app[GATEWAY_KEY]
 
 
-def _client_ip(gateway: Gateway, request: web.Request) -> str | None:
-    check = precheck(gateway.facts(request), gateway.policy)
-    if check.failure is not None:
-        raise check.failure
+def _ip(check: Precheck) -> str | None:
     return str(check.client_ip) if check.client_ip is not None else None
 
 
@@ -72,25 +69,26 @@ def _no_store(response: web.Response) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     gateway = _gateway(request)
-    try:
-        _client_ip(gateway, request)
-    except WardgateError as exc:
-        return gateway.reject(request, exc, request.remote)
+    check = precheck(gateway.facts(request), gateway.policy)
+    if check.failure is not None:
+        return gateway.reject(request, check.failure, request.remote)
     return web.json_response({"status": "ok"})
 
 
 async def exchange(request: web.Request) -> web.Response:
     """POST /api/auth/exchange: a pairing token for a device session and refresh token."""
     gateway = _gateway(request)
-    ip = request.remote
+    ip, check = request.remote, None
     try:
-        ip = _client_ip(gateway, request)
+        check = gateway.guard(request)
+        ip = _ip(check)
         body = await _body(request, ExchangeBody)
         claims = await gateway.authority.verify_pairing(body.token)
         issued = await gateway.authority.redeem_pairing(
             claims, device_name=body.deviceName, client_info={"deviceId": body.deviceId}, ip=ip
         )
     except WardgateError as exc:
+        gateway.auth_failed(check, exc)
         gateway.audit("auth.failed", reason=exc.reason, ip=ip, via="exchange")
         return gateway.reject(request, exc, ip)
     gateway.audit("pairing.redeemed", device=issued.device_id, ip=ip, via="exchange")
@@ -100,12 +98,14 @@ async def exchange(request: web.Request) -> web.Response:
 async def refresh(request: web.Request) -> web.Response:
     """POST /api/auth/refresh: rotate a refresh token (reuse revokes the device)."""
     gateway = _gateway(request)
-    ip = request.remote
+    ip, check = request.remote, None
     try:
-        ip = _client_ip(gateway, request)
+        check = gateway.guard(request)
+        ip = _ip(check)
         body = await _body(request, RefreshBody)
         issued = await gateway.authority.refresh(body.refreshToken)
     except WardgateError as exc:
+        gateway.auth_failed(check, exc)
         gateway.audit("auth.failed", reason=exc.reason, ip=ip, via="refresh")
         await gateway.enforce_revocations()
         return gateway.reject(request, exc, ip)
@@ -116,16 +116,15 @@ async def refresh(request: web.Request) -> web.Response:
 async def revoke(request: web.Request) -> web.Response:
     """POST /api/auth/revoke with a bearer session token: log that device out."""
     gateway = _gateway(request)
-    ip = request.remote
+    ip, check = request.remote, None
     try:
-        check = precheck(gateway.facts(request), gateway.policy)
-        if check.failure is not None:
-            raise check.failure
-        ip = str(check.client_ip) if check.client_ip is not None else None
+        check = gateway.guard(request)
+        ip = _ip(check)
         if check.credential is None:
             raise AuthenticationRequired
         claims = gateway.authority.verify_session(check.credential.token)
     except WardgateError as exc:
+        gateway.auth_failed(check, exc)
         return gateway.reject(request, exc, ip)
     if claims.sub is not None:
         await gateway.revoke_device(claims.sub, by="self")

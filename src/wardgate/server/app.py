@@ -9,6 +9,7 @@ upgrade, so no WebSocket is ever allocated for it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
@@ -21,19 +22,26 @@ from aiohttp import web
 
 from wardgate import __version__
 from wardgate.authority import ANONYMOUS, Authority, Principal
-from wardgate.config import Config
+from wardgate.config import Config, is_loopback_host
 from wardgate.errors import (
     CLOSE_GOING_AWAY,
     AuthenticationRequired,
-    InvalidToken,
+    AuthError,
+    InvalidRequest,
+    PermissionDenied,
     RateLimited,
     StoreUnavailable,
+    TooManyConnections,
     WardgateError,
 )
 from wardgate.gate.credentials import SUBPROTOCOL, Credential
 from wardgate.gate.decide import GatePolicy, HandshakeFacts, Precheck, precheck
 from wardgate.keys import KeyRing, ensure_data_dir, load_key_ring
 from wardgate.logs import connection_id
+from wardgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from wardgate.metrics import Metrics
+from wardgate.ratelimit import FailureLockout, SlidingWindowLimiter
+from wardgate.roles import Scope
 from wardgate.rpc.registry import Registry, openrpc_document
 from wardgate.server import api
 from wardgate.server.ws import Connection, workspace_matches
@@ -77,6 +85,18 @@ class Gateway:
         )
         self._watcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        self.metrics = Metrics()
+        limits = config.limits
+        self.handshake_limiter = SlidingWindowLimiter(limits.handshakes_per_ip, limits.handshake_window)
+        self.auth_lockout = FailureLockout(
+            limits.auth_failures_per_ip,
+            limits.auth_failure_window,
+            limits.auth_lockout,
+            limits.auth_lockout_max,
+        )
+        self.message_limiter = SlidingWindowLimiter(limits.messages_per_principal, limits.message_window)
+        self._per_ip: collections.Counter[str] = collections.Counter()
+        self._per_principal: collections.Counter[str] = collections.Counter()
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         """Run when the daemon stops, before connections close (services stop their work here)."""
         self.disconnect_hooks: list[Callable[[Connection], None]] = []
@@ -175,23 +195,78 @@ class Gateway:
             scheme=request.scheme,
         )
 
-    async def admit(
-        self, request: web.Request, *, websocket: bool
-    ) -> tuple[Precheck, Principal, Credential | None]:
-        """Run the gate on a request; raise the first refusal as a ``WardgateError``."""
+    def guard(self, request: web.Request) -> Precheck:
+        """The checks every request passes: address, host, origin, lockout and request rate."""
         check = precheck(self.facts(request), self.policy)
         if check.failure is not None:
             raise check.failure
+        ip_key = str(check.client_ip)
+        locked = self.auth_lockout.locked_for(ip_key)
+        if locked > 0:
+            self.metrics.rate_limited.labels("auth_failures").inc()
+            raise RateLimited(retry_after=locked, hint="too many failed authentications from this address")
+        decision = self.handshake_limiter.hit(ip_key)
+        if not decision.allowed:
+            self.metrics.rate_limited.labels("handshakes").inc()
+            raise RateLimited(retry_after=decision.retry_after)
+        return check
+
+    def auth_failed(self, check: Precheck | None, error: WardgateError) -> None:
+        """Count a failed authentication against the client address (growing lockout)."""
+        if isinstance(error, AuthError) and check is not None:
+            self.metrics.auth_failures.labels(error.reason).inc()
+            self.auth_lockout.record_failure(str(check.client_ip))
+
+    async def admit(self, request: web.Request) -> tuple[Precheck, Principal, Credential | None]:
+        """Run the whole gate on an upgrade request; raise the first refusal."""
+        check = self.guard(request)
         credential = check.credential
         if credential is None:
             if self.config.require_auth:
                 raise AuthenticationRequired
-            return check, ANONYMOUS, None
-        principal = await self.authority.authenticate(credential.token)
+            principal = ANONYMOUS
+        else:
+            try:
+                principal = await self.authority.authenticate(credential.token)
+            except WardgateError as exc:
+                self.auth_failed(check, exc)
+                raise
+        self.check_capacity(str(check.client_ip), principal.key)
         return check, principal, credential
+
+    def check_capacity(self, ip: str, principal_key: str) -> None:
+        limits = self.config.limits
+        if len(self.connections) >= limits.max_connections:
+            raise TooManyConnections(hint="the server's connection limit is reached")
+        if self._per_ip[ip] >= limits.max_connections_per_ip:
+            raise TooManyConnections(hint="too many connections from this address")
+        if self._per_principal[principal_key] >= limits.max_connections_per_principal:
+            raise TooManyConnections(hint="too many connections for this device")
+
+    def register(self, conn: Connection) -> None:
+        self.connections[conn.id] = conn
+        self._per_ip[conn.client_ip or "-"] += 1
+        self._per_principal[conn.counted_as] += 1
+        self.metrics.connections_open.inc()
+        self.metrics.accepted.inc()
+
+    def unregister(self, conn: Connection) -> None:
+        if self.connections.pop(conn.id, None) is None:
+            return
+        for counter, key in ((self._per_ip, conn.client_ip or "-"), (self._per_principal, conn.counted_as)):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+        self.metrics.connections_open.dec()
+        for hook in self.disconnect_hooks:
+            try:
+                hook(conn)
+            except Exception:
+                log.exception("disconnect hook failed")
 
     def reject(self, request: web.Request, error: WardgateError, client_ip: str | None) -> web.Response:
         log.info("refused %s %s: %s", request.method, request.path, error.reason, extra={"ip": client_ip})
+        self.metrics.rejected(error.reason)
         self.audit("connection.rejected", reason=error.reason, ip=client_ip, path=request.path)
         headers: dict[str, str] = {}
         if error.http_status == 401:
@@ -210,7 +285,7 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
     connection_id.set(conn_id)
     client_ip: str | None = request.remote
     try:
-        check, principal, credential = await gateway.admit(request, websocket=True)
+        check, principal, credential = await gateway.admit(request)
     except WardgateError as exc:
         return gateway.reject(request, exc, client_ip)
     client_ip = str(check.client_ip) if check.client_ip is not None else None
@@ -222,7 +297,7 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
         compress=False,
     )
     if not ws.can_prepare(request).ok:
-        return gateway.reject(request, InvalidToken(hint="not a WebSocket upgrade"), client_ip)
+        return gateway.reject(request, InvalidRequest(hint="expected a WebSocket upgrade"), client_ip)
     await ws.prepare(request)
     conn = Connection(
         gateway,
@@ -231,8 +306,9 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
         principal=principal,
         client_ip=client_ip,
         token=credential.token if credential else None,
+        abort=_aborter(request),
     )
-    gateway.connections[conn_id] = conn
+    gateway.register(conn)
     gateway.audit(
         "connection.accepted",
         ip=client_ip,
@@ -244,14 +320,34 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
     try:
         await conn.run()
     finally:
-        gateway.connections.pop(conn_id, None)
-        for hook in gateway.disconnect_hooks:
-            try:
-                hook(conn)
-            except Exception:
-                log.exception("disconnect hook failed")
+        gateway.unregister(conn)
         gateway.audit("connection.closed", conn=conn_id, device=conn.device_id, code=ws.close_code)
     return ws
+
+
+def _aborter(request: web.Request) -> Callable[[], None]:
+    def abort() -> None:
+        if request.transport is not None:
+            request.transport.abort()
+
+    return abort
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus metrics: only from a loopback peer, or with an admin credential."""
+    gateway = request.app[GATEWAY_KEY]
+    peer = request.remote
+    if not (peer is not None and is_loopback_host(peer) and "X-Forwarded-For" not in request.headers):
+        try:
+            check = gateway.guard(request)
+            if check.credential is None:
+                raise AuthenticationRequired
+            principal = await gateway.authority.authenticate(check.credential.token)
+            if Scope.AUDIT_READ not in principal.scopes:
+                raise PermissionDenied(hint="metrics need an admin credential")
+        except WardgateError as exc:
+            return gateway.reject(request, exc, peer)
+    return web.Response(body=gateway.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 def build_app(gateway: Gateway) -> web.Application:
@@ -260,6 +356,7 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/ws", websocket_endpoint)
     api.add_routes(app)
     app.router.add_get("/api/rpc/discover", discover)
+    app.router.add_get("/metrics", metrics_endpoint)
 
     async def on_startup(_: web.Application) -> None:
         await gateway.start()

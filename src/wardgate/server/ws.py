@@ -29,14 +29,17 @@ from aiohttp import WSMsgType, web
 from wardgate import __version__
 from wardgate.authority import Principal
 from wardgate.errors import (
+    CLOSE_GOING_AWAY,
     CLOSE_INIT_TIMEOUT,
     CLOSE_NORMAL,
     CLOSE_POLICY_VIOLATION,
+    CLOSE_RATE_LIMITED,
     CLOSE_SESSION_EXPIRED,
     AuthError,
     InternalError,
     InvalidParams,
     InvalidToken,
+    RateLimited,
     WardgateError,
 )
 from wardgate.roles import scopes_for
@@ -82,6 +85,11 @@ REASON_REVOKED: Final = "session revoked"
 REASON_LOGGED_OUT: Final = "logged out"
 REASON_SHUTDOWN: Final = "shutdown"
 REASON_SLOW_CONSUMER: Final = "send queue full"
+REASON_IDLE: Final = "idle timeout"
+REASON_RATE_LIMITED: Final = "rate limited"
+MAX_REFUSED_IN_A_ROW: Final = 50
+"""Messages refused for rate in a row before the connection is closed with 4429."""
+CLOSE_HANDSHAKE_TIMEOUT: Final = 5.0
 FLUSH_TIMEOUT: Final = 1.0
 """Seconds a closing connection may spend delivering what it still has queued."""
 
@@ -98,8 +106,10 @@ class Connection:
         principal: Principal,
         client_ip: str | None,
         token: str | None,
+        abort: Callable[[], None] = lambda: None,
     ) -> None:
         self.gateway = gateway
+        self._abort = abort
         self.ws = ws
         self.id = conn_id
         self.principal = principal
@@ -107,6 +117,10 @@ class Connection:
         self._transport_token = token
         self.lifecycle = Lifecycle()
         self.opened_at = time.time()
+        self.counted_as = principal.key
+        """The key this connection counts under for per-principal caps (fixed at connect)."""
+        self.last_activity = time.monotonic()
+        self._refused_in_a_row = 0
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._closing = False
         self._tasks: set[asyncio.Future[None]] = set()
@@ -115,6 +129,8 @@ class Connection:
         self._outbox_ready = asyncio.Event()
         self._outbox_drained = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._overflowed = False
         self._close_after_reply: tuple[int, str] | None = None
         """Set by a method whose answer ends the connection: sent first, then closed."""
         self.messages_in = 0
@@ -169,7 +185,13 @@ class Connection:
         if flush:
             await self._flush(FLUSH_TIMEOUT)
         self._stop_writer()
-        await self.ws.close(code=code, message=reason.encode())
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), CLOSE_HANDSHAKE_TIMEOUT)
+        except TimeoutError:
+            # A peer that does not read cannot take our close frame: drop the TCP connection.
+            self._abort()
+        finally:
+            self._closed.set()
 
     async def _end_session(self, notification: str, reason: str) -> None:
         if self._closing:
@@ -185,6 +207,15 @@ class Connection:
         self.gateway.audit("session.closed_revoked", device=self.device_id, ip=self.client_ip)
         await self._end_session("auth/revoked", REASON_REVOKED)
 
+    async def _idle_check(self) -> None:
+        idle = self.gateway.config.limits.idle_timeout
+        quiet = time.monotonic() - self.last_activity
+        if quiet >= idle:
+            self.gateway.metrics.disconnects.labels("idle").inc()
+            await self.close(CLOSE_GOING_AWAY, REASON_IDLE)
+        else:
+            self._set_timer("idle", time.time() + idle - quiet, self._idle_check)
+
     async def _init_timeout(self) -> None:
         if self.lifecycle.state is State.AWAIT_INIT:
             await self.close(CLOSE_INIT_TIMEOUT, REASON_INIT_TIMEOUT)
@@ -194,11 +225,15 @@ class Connection:
     def post(self, data: bytes) -> bool:
         """Queue a text frame without waiting. A peer that stops reading fills its bounded
         queue and is disconnected, so it can neither block the sender nor grow memory."""
-        if self._closing:
+        if self._closing or self._overflowed:
             return False
         limits = self.gateway.config.limits
-        if len(self._outbox) >= limits.send_queue_messages or self._outbox_bytes + len(data) > limits.send_queue_bytes:
+        if (
+            len(self._outbox) >= limits.send_queue_messages
+            or self._outbox_bytes + len(data) > limits.send_queue_bytes
+        ):
             log.warning("send queue full: disconnecting a slow consumer")
+            self._overflowed = True
             self._spawn(self._slow_consumer)
             return False
         self._outbox.append(data)
@@ -211,11 +246,13 @@ class Connection:
         return self.post(jsonrpc.encode_notification(method, params))
 
     async def _slow_consumer(self) -> None:
+        self.gateway.metrics.disconnects.labels("slow_consumer").inc()
         self.gateway.audit("connection.slow_consumer", conn=self.id, device=self.device_id, ip=self.client_ip)
         await self.close(CLOSE_POLICY_VIOLATION, REASON_SLOW_CONSUMER, flush=False)
 
     async def _write_loop(self) -> None:
         outbox = self._outbox
+        messages_out = self.gateway.metrics.messages_out
         while True:
             await self._outbox_ready.wait()
             while outbox:
@@ -223,6 +260,7 @@ class Connection:
                 await self.ws.send_frame(data, WSMsgType.TEXT)
                 outbox.popleft()
                 self._outbox_bytes -= len(data)
+                messages_out.inc()
             self._outbox_ready.clear()
             self._outbox_drained.set()
 
@@ -242,11 +280,21 @@ class Connection:
 
     async def run(self) -> None:
         self._writer = asyncio.create_task(self._write_loop())
-        self._set_timer("init", time.time() + self.gateway.config.limits.init_timeout, self._init_timeout)
+        limits = self.gateway.config.limits
+        self._set_timer("init", time.time() + limits.init_timeout, self._init_timeout)
+        if limits.idle_timeout > 0:
+            self._set_timer("idle", time.time() + limits.idle_timeout, self._idle_check)
+        metrics = self.gateway.metrics
         try:
             async for message in self.ws:
                 if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     self.messages_in += 1
+                    self.last_activity = time.monotonic()
+                    metrics.messages_in.inc()
+                    if not self._within_rate():
+                        if self._close_after_reply is not None:
+                            await self.close(*self._close_after_reply)
+                        continue
                     reply = await self.handle(message.data)
                     if reply is not None:
                         self.post(reply)
@@ -259,6 +307,32 @@ class Connection:
             for name in list(self._timers):
                 self._cancel_timer(name)
             self._stop_writer()
+            if self._closing:
+                # Another task is closing (a revocation, a timer): let its close handshake
+                # finish before the handler returns and aiohttp drops the TCP connection.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), CLOSE_HANDSHAKE_TIMEOUT)
+
+    def _within_rate(self) -> bool:
+        """The per-principal message limit, summed over all of the principal's connections.
+
+        Over the limit, the message is answered with a rate_limited error (requests only) and
+        dropped; a client that keeps sending regardless is closed with 4429.
+        """
+        decision = self.gateway.message_limiter.hit(self.principal.key)
+        if decision.allowed:
+            self._refused_in_a_row = 0
+            return True
+        self.gateway.metrics.rate_limited.labels("messages").inc()
+        self._refused_in_a_row += 1
+        if self._refused_in_a_row > MAX_REFUSED_IN_A_ROW:
+            self.gateway.metrics.disconnects.labels("rate_limited").inc()
+            self._close_after_reply = (CLOSE_RATE_LIMITED, REASON_RATE_LIMITED)
+            return False
+        error = RateLimited(retry_after=decision.retry_after)
+        error.data["retryAfter"] = round(decision.retry_after, 3)
+        self.post(jsonrpc.encode_error_from(None, error))
+        return False
 
     async def handle(self, data: bytes | str) -> bytes | None:
         """Answer one WebSocket message (a request, a notification or a batch)."""
@@ -314,7 +388,14 @@ class Connection:
             return await self._auth_refresh(convert_params(RefreshParams, request.params))
         if method == "auth/revoke":
             return await self._auth_revoke()
-        return await self.gateway.registry.call(self, method, request.params)
+        registry = self.gateway.registry
+        if registry.get(method) is None:
+            return await registry.call(self, method, request.params)  # raises MethodNotFound
+        started = time.perf_counter()
+        try:
+            return await registry.call(self, method, request.params)
+        finally:
+            self.gateway.metrics.method_seconds.labels(method).observe(time.perf_counter() - started)
 
     # --- lifecycle methods --------------------------------------------------------------------
 
