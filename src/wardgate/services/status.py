@@ -1,4 +1,7 @@
-"""``status/get``: what the server is and who is connected (no secrets, no paths outside)."""
+"""``status/get``: what the server is, the workspace's git state, the agent, who is connected.
+
+No secrets and no paths outside the workspace: the workspace is reported by name only.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,16 @@ from typing import TYPE_CHECKING, Any
 from wardgate import __version__
 from wardgate.roles import Scope
 from wardgate.rpc.registry import NoParams, Registry
+from wardgate.services.git import git_summary
 
 if TYPE_CHECKING:
     from wardgate.server.app import Gateway
     from wardgate.server.ws import Connection
+
+
+def idle_agent() -> dict[str, Any]:
+    """What ``agent`` says when no agent service is installed (the shape of ``summary()``)."""
+    return {"state": "idle", "running": [], "sessions": 0}
 
 
 def install(gateway: Gateway) -> None:
@@ -21,8 +30,9 @@ def install(gateway: Gateway) -> None:
 def register(registry: Registry[Connection]) -> None:
     @registry.method("status/get", scope=Scope.STATUS_READ)
     async def status_get(conn: Connection, params: NoParams) -> dict[str, Any]:
-        """Server version, mode, workspace name, connected clients and the caller's identity."""
+        """Server version and mode, workspace name, git branch, agent state, clients, caller."""
         gateway = conn.gateway
+        agents = gateway.agents
         return {
             "server": {
                 "name": "wardgate",
@@ -30,6 +40,8 @@ def register(registry: Registry[Connection]) -> None:
                 "mode": gateway.config.security.mode.value,
             },
             "workspace": gateway.workspace.name,
+            "git": await git_summary(gateway.workspace, gateway.config.workspace.deny),
+            "agent": agents.summary() if agents is not None else idle_agent(),
             "clients": len(gateway.connections),
             "uptime": round(time.time() - gateway.started_at, 3),
             "you": {"clientId": conn.id, "deviceId": conn.device_id, "role": conn.principal.role},
