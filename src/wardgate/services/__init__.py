@@ -14,6 +14,10 @@ if TYPE_CHECKING:
 
 
 def install_all(gateway: Gateway) -> None:
-    from wardgate.services import status
+    from wardgate.services import admin, agent, files, git, status
 
     status.install(gateway)
+    files.install(gateway)
+    git.install(gateway)
+    admin.install(gateway)
+    agent.install(gateway)

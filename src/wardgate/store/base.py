@@ -2,7 +2,8 @@
 
 The store holds only what must outlive a process: devices, refresh-token
 families (token hashes, never tokens), consumed pairing nonces, revocations and
-a few counters. Session tokens are self-verifying and never stored.
+a few counters. Session tokens are self-verifying and never stored. Agent runs (their record
+and their output lines, bounded) are kept too, so a client can catch up after a restart.
 
 Every operation that changes credentials is one atomic step in the backend
 (one SQLite transaction, one Redis script), so two instances or two concurrent
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -101,6 +103,33 @@ class Revocations:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class AgentSessionRecord:
+    """One agent run as the store keeps it (the output lines are kept apart)."""
+
+    id: str
+    agent_type: str
+    status: str
+    started_at: float
+    device_id: str | None = None
+    ended_at: float | None = None
+    exit_code: int | None = None
+    last_seq: int = 0
+    """Sequence number of the last output line produced (0: none yet)."""
+    command: str = ""
+    """The agent program's name (``argv[0]``'s last component), never a path."""
+    prompt: str | None = None
+    """Only kept when ``security.audit.log_prompts`` is on."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOutputLine:
+    seq: int
+    stream: str
+    """``stdout`` or ``stderr``."""
+    line: str
+
+
 class Store(abc.ABC):
     """The persistent state of wardgate. All methods are coroutines; all writes are atomic."""
 
@@ -184,3 +213,32 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def prune(self, *, now: float) -> None:
         """Drop records that can no longer matter (expired nonces, revocations, used tokens)."""
+
+    # --- agent sessions ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def save_agent_session(self, session: AgentSessionRecord) -> None:
+        """Insert or update one session record (``last_seq`` never goes backwards)."""
+
+    @abc.abstractmethod
+    async def get_agent_session(self, session_id: str) -> AgentSessionRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_agent_sessions(self, *, limit: int) -> list[AgentSessionRecord]:
+        """The most recent sessions first."""
+
+    @abc.abstractmethod
+    async def append_agent_output(
+        self, session_id: str, lines: Sequence[AgentOutputLine], *, keep_last: int | None = None
+    ) -> None:
+        """Append a batch of lines in one atomic step (and raise the session's ``last_seq``).
+
+        With ``keep_last``, lines older than the session's last ``keep_last`` are dropped."""
+
+    @abc.abstractmethod
+    async def agent_output(self, session_id: str, *, after_seq: int, limit: int) -> list[AgentOutputLine]:
+        """Up to ``limit`` stored lines with ``seq > after_seq``, in order."""
+
+    @abc.abstractmethod
+    async def prune_agent_sessions(self, *, keep: int) -> int:
+        """Drop all but the ``keep`` most recent sessions and their output; returns how many went."""

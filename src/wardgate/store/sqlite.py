@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import astuple
 from pathlib import Path
 from typing import Final
 
 from wardgate.errors import StoreUnavailable
 from wardgate.store.base import (
+    AgentOutputLine,
+    AgentSessionRecord,
     Device,
     Family,
     NewRefresh,
@@ -49,6 +51,16 @@ CREATE TABLE IF NOT EXISTS refresh_tokens (
 CREATE INDEX IF NOT EXISTS refresh_family ON refresh_tokens(family_id);
 CREATE TABLE IF NOT EXISTS consumed_nonces (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS revoked_tokens (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS agent_sessions (
+    id TEXT PRIMARY KEY, agent_type TEXT NOT NULL, status TEXT NOT NULL, started_at REAL NOT NULL,
+    device_id TEXT, ended_at REAL, exit_code INTEGER, last_seq INTEGER NOT NULL DEFAULT 0,
+    command TEXT NOT NULL DEFAULT '', prompt TEXT
+);
+CREATE INDEX IF NOT EXISTS agent_sessions_started ON agent_sessions(started_at);
+CREATE TABLE IF NOT EXISTS agent_output (
+    session_id TEXT NOT NULL, seq INTEGER NOT NULL, stream TEXT NOT NULL, line TEXT NOT NULL,
+    PRIMARY KEY (session_id, seq)
+) WITHOUT ROWID;
 """
 _INSERT_REFRESH: Final = (
     "INSERT INTO refresh_tokens(token_hash, family_id, used_at, expires_at) VALUES (?, ?, NULL, ?)"
@@ -259,6 +271,78 @@ class SqliteStore(Store):
             self.db.execute("DELETE FROM consumed_nonces WHERE expires_at <= ?", (now,))
             self.db.execute("DELETE FROM revoked_tokens WHERE expires_at <= ?", (now,))
             self.db.execute("DELETE FROM refresh_tokens WHERE expires_at <= ?", (now,))
+
+    # --- agent sessions --------------------------------------------------------------------------
+
+    async def save_agent_session(self, session: AgentSessionRecord) -> None:
+        with _transaction(self.db):
+            self.db.execute(_UPSERT_AGENT_SESSION, astuple(session))
+
+    async def get_agent_session(self, session_id: str) -> AgentSessionRecord | None:
+        row = self.db.execute(_SELECT_AGENT_SESSIONS + " WHERE id = ?", (session_id,)).fetchone()
+        return AgentSessionRecord(*row) if row else None
+
+    async def list_agent_sessions(self, *, limit: int) -> list[AgentSessionRecord]:
+        rows = self.db.execute(_SELECT_AGENT_SESSIONS + " ORDER BY started_at DESC, id LIMIT ?", (limit,))
+        return [AgentSessionRecord(*row) for row in rows]
+
+    async def append_agent_output(
+        self, session_id: str, lines: Sequence[AgentOutputLine], *, keep_last: int | None = None
+    ) -> None:
+        if not lines:
+            return
+        db = self.db
+        last = max(line.seq for line in lines)
+        with _transaction(db):
+            db.executemany(
+                "INSERT OR REPLACE INTO agent_output(session_id, seq, stream, line) VALUES (?, ?, ?, ?)",
+                [(session_id, line.seq, line.stream, line.line) for line in lines],
+            )
+            db.execute(
+                "UPDATE agent_sessions SET last_seq = MAX(last_seq, ?) WHERE id = ?", (last, session_id)
+            )
+            if keep_last is not None and last > keep_last:
+                db.execute(
+                    "DELETE FROM agent_output WHERE session_id = ? AND seq <= ?",
+                    (session_id, last - keep_last),
+                )
+
+    async def agent_output(self, session_id: str, *, after_seq: int, limit: int) -> list[AgentOutputLine]:
+        rows = self.db.execute(
+            "SELECT seq, stream, line FROM agent_output WHERE session_id = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (session_id, after_seq, limit),
+        )
+        return [AgentOutputLine(*row) for row in rows]
+
+    async def prune_agent_sessions(self, *, keep: int) -> int:
+        db = self.db
+        with _transaction(db):
+            old = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM agent_sessions ORDER BY started_at DESC, id LIMIT -1 OFFSET ?", (keep,)
+                )
+            ]
+            for session_id in old:
+                db.execute("DELETE FROM agent_output WHERE session_id = ?", (session_id,))
+                db.execute("DELETE FROM agent_sessions WHERE id = ?", (session_id,))
+        return len(old)
+
+
+# Column order is AgentSessionRecord's field order.
+_SELECT_AGENT_SESSIONS: Final = (
+    "SELECT id, agent_type, status, started_at, device_id, ended_at, exit_code, last_seq, command, prompt "
+    "FROM agent_sessions"
+)
+_UPSERT_AGENT_SESSION: Final = (
+    "INSERT INTO agent_sessions(id, agent_type, status, started_at, device_id, ended_at, exit_code, "
+    "last_seq, command, prompt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(id) DO UPDATE SET status = excluded.status, device_id = excluded.device_id, "
+    "ended_at = excluded.ended_at, exit_code = excluded.exit_code, "
+    "last_seq = MAX(agent_sessions.last_seq, excluded.last_seq), command = excluded.command, "
+    "prompt = excluded.prompt"
+)
 
 
 @contextlib.contextmanager
