@@ -159,19 +159,32 @@ class Daemon:
         return str(self.pair_payload(role)["token"])
 
 
+RELAXED_LIMITS = {
+    "WARDGATE_LIMITS_AUTH_FAILURES_PER_IP": "100000",
+    "WARDGATE_LIMITS_HANDSHAKES_PER_IP": "100000",
+    "WARDGATE_LIMITS_MAX_CONNECTIONS_PER_IP": "10000",
+}
+
+
 class DaemonFactory:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.daemons: list[Daemon] = []
 
-    def __call__(self, config: str = "", *, env: dict[str, str] | None = None, start: bool = True) -> Daemon:
+    def __call__(
+        self, config: str = "", *, env: dict[str, str] | None = None, start: bool = True, relaxed: bool = True
+    ) -> Daemon:
+        """A daemon with ``config`` as its config file. ``relaxed`` lifts the per-address limits
+        (every test client comes from 127.0.0.1); tests of those limits pass ``relaxed=False``."""
         home = self.root / f"home{len(self.daemons)}"
         home.mkdir(mode=0o700)
         workspace = self.root / f"workspace{len(self.daemons)}"
         workspace.mkdir()
         if config:
             (home / "config.yaml").write_text(config)
-        daemon = Daemon(home=home, workspace=workspace, env=_clean_env(home, env))
+        extra = dict(RELAXED_LIMITS if relaxed else {})
+        extra.update(env or {})
+        daemon = Daemon(home=home, workspace=workspace, env=_clean_env(home, extra))
         self.daemons.append(daemon)
         return daemon.start() if start else daemon
 

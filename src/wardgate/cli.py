@@ -425,6 +425,74 @@ def security_status(config_file: ConfigOption = None) -> None:
     out.print(table)
 
 
+@security_app.command("audit")
+def security_audit(
+    config_file: ConfigOption = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only events after this: ISO time, or 30m / 12h / 7d ago.")
+    ] = None,
+    event_type: Annotated[
+        str | None, typer.Option("--type", help="Only this event type, e.g. auth.failed.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="Only events of this device id.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Check the hash chain; name the first broken line.")
+    ] = False,
+    limit: Annotated[int, typer.Option(help="Show at most this many (newest) events.")] = 200,
+) -> None:
+    """Show security events from the tamper-evident audit log, or verify its chain."""
+    from wardgate.audit import read_audit, verify_audit
+
+    config = _load(config_file)
+    path = config.audit_path
+    if verify:
+        result = verify_audit(path)
+        if result.ok:
+            out.print(
+                f"[green]OK[/green]: {result.lines} line(s), the hash chain is intact ({path}).",
+                highlight=False,
+            )
+            return
+        where = (
+            f"{result.first_bad.file.name} line {result.first_bad.line_number}" if result.first_bad else "?"
+        )
+        err.print(f"wardgate: audit log TAMPERED at {where}: {result.detail}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    try:
+        threshold = _parse_since(since) if since else None
+    except ValueError:
+        err.print("wardgate: --since takes an ISO 8601 time or a duration like 30m, 12h, 7d", markup=False)
+        raise typer.Exit(2) from None
+    events = list(read_audit(path, since=threshold, event=event_type, device=device))[-limit:]
+    if as_json:
+        for record in events:
+            print(json.dumps(record, separators=(",", ":")))
+        return
+    table = Table("Time", "Event", "Device", "Address", "Details")
+    skip = {"ts", "seq", "event", "prev", "device", "ip"}
+    for record in events:
+        details = " ".join(f"{k}={v}" for k, v in record.items() if k not in skip)
+        table.add_row(
+            str(record.get("ts", "")),
+            str(record.get("event", "")),
+            str(record.get("device", "-")),
+            str(record.get("ip", "-")),
+            details,
+        )
+    out.print(table)
+    if not events:
+        out.print(f"No matching events in {path}.", highlight=False)
+
+
+def _parse_since(text: str) -> datetime:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return datetime.fromtimestamp(time.time() - int(text[:-1]) * units[text[-1]], UTC)
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
 # --- doctor -----------------------------------------------------------------------------------------
 
 

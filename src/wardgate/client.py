@@ -199,7 +199,14 @@ class WardgateClient:
             "clientInfo": {"name": "wardgate.client"},
             "auth": {"deviceName": self.device_name},
         }
-        result = await self.call("initialize", params)
+        try:
+            result = await self.call("initialize", params)
+        except BaseException:
+            # A socket that did not get through initialize is not kept (nor leaked) for a retry.
+            await self._ws.close()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+            raise
         session = result.get("session") or {}
         if self._pairing_token is not None and "refreshToken" in session:
             self._pairing_token = None
@@ -218,7 +225,15 @@ class WardgateClient:
         self._refresher = asyncio.create_task(self._refresh_loop())
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        async for message in ws:
+        close_code = None
+        while True:
+            message = await ws.receive()
+            if message.type is aiohttp.WSMsgType.CLOSE:
+                close_code = int(message.data)  # what the server sent, even if our reply fails
+                break
+            if message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR):
+                close_code = ws.close_code
+                break
             if message.type is not aiohttp.WSMsgType.TEXT:
                 continue
             try:
@@ -242,7 +257,7 @@ class WardgateClient:
             if not future.done():
                 future.set_exception(ConnectionError("connection closed"))
         self._pending.clear()
-        if ws.close_code == CLOSE_SESSION_EXPIRED:
+        if close_code == CLOSE_SESSION_EXPIRED:
             self.ended = SessionEnded(ws.close_code, "session revoked or expired")
 
     async def _refresh_loop(self) -> None:

@@ -144,12 +144,16 @@ class Rpc:
                 if message.type is aiohttp.WSMsgType.TEXT:
                     self.notifications.append(json.loads(message.data))
                     continue
+                if message.type is aiohttp.WSMsgType.CLOSE:
+                    # The code the server sent. (aiohttp's own close_code turns into 1006 when
+                    # the server drops TCP before the client's close reply is written.)
+                    return int(message.data), str(message.extra or "")
                 if message.type in (
-                    aiohttp.WSMsgType.CLOSE,
                     aiohttp.WSMsgType.CLOSED,
                     aiohttp.WSMsgType.CLOSING,
+                    aiohttp.WSMsgType.ERROR,
                 ):
-                    return self.ws.close_code, str(message.extra or "")
+                    return self.ws.close_code, ""
 
         return await asyncio.wait_for(wait(), timeout)
 

@@ -74,15 +74,7 @@ class Gateway:
         self.registry: Registry[Connection] = Registry()
         self.connections: dict[str, Connection] = {}
         self.started_at = time.time()
-        self.audit_log = (
-            AuditLog(
-                config.audit_path,
-                max_bytes=config.security.audit.max_bytes,
-                backups=config.security.audit.backups,
-            )
-            if config.audit_enabled
-            else None
-        )
+        self.audit_log = open_audit_log(config)
         self._watcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
         self.metrics = Metrics()
@@ -197,7 +189,15 @@ class Gateway:
 
     def guard(self, request: web.Request) -> Precheck:
         """The checks every request passes: address, host, origin, lockout and request rate."""
+        if log.isEnabledFor(logging.DEBUG):
+            # Credentials in headers and query strings are removed by the logging redaction layer.
+            log.debug("request %s %s headers=%s", request.method, request.path_qs, dict(request.headers))
         check = precheck(self.facts(request), self.policy)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "gate: %s",
+                "; ".join(f"{v.check}={'pass' if v.allowed else 'refuse'}" for v in check.verdicts),
+            )
         if check.failure is not None:
             raise check.failure
         ip_key = str(check.client_ip)

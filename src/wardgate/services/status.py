@@ -5,6 +5,7 @@ No secrets and no paths outside the workspace: the workspace is reported by name
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +24,32 @@ def idle_agent() -> dict[str, Any]:
     return {"state": "idle", "running": [], "sessions": 0}
 
 
+GIT_SUMMARY_TTL = 2.0
+"""Seconds a git summary is reused: clients poll status/get, and each summary runs git."""
+
+
+class _GitSummaryCache:
+    """One git run per TTL however many clients ask; concurrent askers share it."""
+
+    def __init__(self) -> None:
+        self._at = -GIT_SUMMARY_TTL
+        self._value: dict[str, Any] | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self, gateway: Gateway) -> dict[str, Any] | None:
+        async with self._lock:
+            if time.monotonic() - self._at >= GIT_SUMMARY_TTL:
+                self._value = await git_summary(gateway.workspace, gateway.config.workspace.deny)
+                self._at = time.monotonic()
+            return self._value
+
+
 def install(gateway: Gateway) -> None:
-    register(gateway.registry)
+    cache = _GitSummaryCache()
+    register(gateway.registry, cache)
 
 
-def register(registry: Registry[Connection]) -> None:
+def register(registry: Registry[Connection], git_cache: _GitSummaryCache) -> None:
     @registry.method("status/get", scope=Scope.STATUS_READ)
     async def status_get(conn: Connection, params: NoParams) -> dict[str, Any]:
         """Server version and mode, workspace name, git branch, agent state, clients, caller."""
@@ -40,7 +62,7 @@ def register(registry: Registry[Connection]) -> None:
                 "mode": gateway.config.security.mode.value,
             },
             "workspace": gateway.workspace.name,
-            "git": await git_summary(gateway.workspace, gateway.config.workspace.deny),
+            "git": await git_cache.get(gateway),
             "agent": agents.summary() if agents is not None else idle_agent(),
             "clients": len(gateway.connections),
             "uptime": round(time.time() - gateway.started_at, 3),
