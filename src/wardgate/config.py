@@ -118,6 +118,9 @@ class LimitSettings(_Section):
     """Largest WebSocket message accepted, checked before any parsing (close 1009)."""
     heartbeat: float = 20.0
     """Seconds between pings; a peer that does not answer is disconnected."""
+    compression: bool = False
+    """permessage-deflate. Off by default; when on, ``max_message_bytes`` caps the
+    DECOMPRESSED size (a small compressed frame cannot expand past it)."""
     handshake_timeout: float = 10.0
     """Seconds a client has to send a complete HTTP request head (slow-header attacks); also
     how long an idle keep-alive HTTP connection stays open."""
@@ -448,6 +451,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{name} must be positive")
     for name in LimitSettings.__struct_fields__:
         value = getattr(config.limits, name)
+        if isinstance(value, bool):
+            continue
         if value < 0 or (value == 0 and name != "idle_timeout"):
             raise ConfigError(f"limits.{name} must be positive")
     if config.logging.format not in ("console", "json"):

@@ -189,6 +189,26 @@ async def test_compression_is_off_by_default(shared_daemon: Daemon) -> None:
         assert ws.compress == 0
 
 
+async def test_compressed_message_is_capped_after_decompression(wardgate: DaemonFactory) -> None:
+    d = wardgate("limits:\n  compression: true\n  max_message_bytes: 4096\n")
+    creds = await exchange(d, d.pairing_token())
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(
+            d.ws, headers={"Authorization": f"Bearer {creds['sessionToken']}"}, compress=15
+        ) as ws,
+    ):
+        assert ws.compress == 15  # negotiated
+        small = json.dumps({"jsonrpc": "2.0", "method": "initialize", "params": {}, "id": 1})
+        await ws.send_str(small)
+        assert "result" in json.loads((await ws.receive(timeout=5)).data)
+        # 1 MB of spaces compresses to about 1 KB on the wire: a decompression bomb in miniature.
+        await ws.send_str(json.dumps({"jsonrpc": "2.0", "method": "status/get", "id": 2}) + " " * 1_000_000)
+        message = await ws.receive(timeout=5)
+        assert message.type is aiohttp.WSMsgType.CLOSE
+        assert message.data == 1009
+
+
 async def test_slow_consumer_is_disconnected_and_memory_stays_bounded(wardgate: DaemonFactory) -> None:
     d = wardgate("limits:\n  send_queue_messages: 8\n  messages_per_principal: 100000\n")
     creds = await exchange(d, d.pairing_token())

@@ -294,7 +294,7 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
         protocols=(SUBPROTOCOL,),
         max_msg_size=limits.max_message_bytes,
         heartbeat=limits.heartbeat,
-        compress=False,
+        compress=limits.compression,
     )
     if not ws.can_prepare(request).ok:
         return gateway.reject(request, InvalidRequest(hint="expected a WebSocket upgrade"), client_ip)
