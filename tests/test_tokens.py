@@ -197,3 +197,9 @@ def test_any_single_byte_flip_is_refused(position: int, value: int) -> None:
         return
     with pytest.raises(InvalidToken):
         verify(flipped)
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=0, max_size=200), st.binary(min_size=1, max_size=100))
+def test_keyed_hmac_equals_the_standard_library(key: bytes, message: bytes) -> None:
+    assert tokens._mac_bytes(key, message) == hmac.digest(key, message, "sha256")

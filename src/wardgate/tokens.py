@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import hashlib
 import hmac
 import re
 import secrets
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -55,8 +57,11 @@ _PREFIXES: Final = {
 }
 _KIND_BY_PREFIX: Final = {prefix: kind for kind, prefix in _PREFIXES.items()}
 
-# 32-byte MAC = 43 base64url characters without padding.
-_TOKEN_SHAPE: Final = re.compile(r"wg[psr]_[A-Za-z0-9_-]{8,900}\.[A-Za-z0-9_-]{43}")
+# 32-byte MAC = 43 base64url characters without padding; the last one carries 4 bits and 2 zero
+# bits, so only 16 characters are canonical there. Refusing the others makes the MAC's spelling
+# unique, so comparing the decoded bytes cannot admit a second spelling of one token.
+_TOKEN_SHAPE: Final = re.compile(r"wg[psr]_[A-Za-z0-9_-]{8,900}\.[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
+_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
 
 
 class TokenClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -88,12 +93,37 @@ def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _b64decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def _mac(key: bytes, signed_part: str) -> str:
     return _b64encode(hmac.digest(key, signed_part.encode("ascii"), "sha256"))
+
+
+_BLOCK: Final = 64  # SHA-256 block size (RFC 2104)
+
+
+@functools.lru_cache(maxsize=64)
+def _hmac_pads(key: bytes) -> tuple[Any, Any]:
+    """HMAC-SHA256's inner and outer hash states after the padded key, computed once per key."""
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    return (
+        hashlib.sha256(bytes(b ^ 0x36 for b in key)),
+        hashlib.sha256(bytes(b ^ 0x5C for b in key)),
+    )
+
+
+def _mac_bytes(key: bytes, message: bytes) -> bytes:
+    """HMAC-SHA256(key, message), equal to ``hmac.digest`` but reusing the keyed pad states."""
+    inner_pad, outer_pad = _hmac_pads(key)
+    inner = inner_pad.copy()
+    inner.update(message)
+    outer = outer_pad.copy()
+    outer.update(inner.digest())
+    return bytes(outer.digest())
+
+
+def _b64decode_bytes(data: bytes) -> bytes:
+    return binascii.a2b_base64(data.translate(_FROM_URLSAFE) + b"==")
 
 
 def new_token_id() -> str:
@@ -129,18 +159,20 @@ def verify(
     """
     if len(token) > MAX_TOKEN_LENGTH or _TOKEN_SHAPE.fullmatch(token) is None:
         raise InvalidToken
-    prefix = kind.prefix
-    if not token.startswith(prefix):
+    if not token.startswith(kind.prefix):
         raise InvalidToken(hint=f"expected a {kind.value} token")
-    payload, _, mac = token[4:].partition(".")
+    raw = token.encode("ascii")
+    dot = raw.rindex(b".")
     try:
-        claims = _decode_claims(_b64decode(payload))
+        claims = _decode_claims(_b64decode_bytes(raw[4:dot]))
+        mac = _b64decode_bytes(raw[dot + 1 :])
     except (msgspec.DecodeError, msgspec.ValidationError, binascii.Error, ValueError):
         raise InvalidToken from None
     key = keys.get(claims.kid)
     if key is None:
         raise InvalidToken
-    if not hmac.compare_digest(_mac(key, prefix + payload), mac):
+    # The MAC covers the prefix and the payload exactly as sent: ``raw[:dot]``.
+    if not hmac.compare_digest(_mac_bytes(key, raw[:dot]), mac):
         raise InvalidToken
     # Signed from here on: the checks below are about meaning, not integrity.
     if claims.typ is not kind or claims.v != TOKEN_VERSION or claims.sid != server_id:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -56,6 +57,7 @@ log = logging.getLogger("wardgate.ws")
 PROTOCOL_VERSION: Final = "2025-06-18"
 
 
+@functools.lru_cache(maxsize=4096)
 def iso8601(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
