@@ -8,6 +8,7 @@ unredacted wardgate token, appears in it.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -198,6 +199,8 @@ def wardgate(tmp_path: Path) -> Iterator[DaemonFactory]:
     factory = DaemonFactory(tmp_path)
     yield factory
     factory.stop_all()
+    # Collect now, so a socket a test left open is reported against that test, not a later one.
+    gc.collect()
 
 
 @pytest.fixture(scope="module")

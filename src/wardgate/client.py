@@ -38,6 +38,7 @@ from wardgate.tls import pinned_client_ssl
 
 log = logging.getLogger("wardgate.client")
 
+TLS_CLOSE_GRACE: Final = 0.25
 REFRESH_AT: Final = 0.8
 """Refresh the session when this fraction of its lifetime has passed."""
 
@@ -348,6 +349,10 @@ class WardgateClient:
                 await self._reader
         if self._http is not None:
             await self._http.close()
+            if self.http_url.startswith("https://"):
+                # aiohttp's documented graceful shutdown: TLS transports finish closing shortly
+                # after the session does; give them that moment before the caller's loop ends.
+                await asyncio.sleep(TLS_CLOSE_GRACE)
 
     async def __aenter__(self) -> WardgateClient:
         await self.connect()

@@ -128,10 +128,9 @@ class Connection:
         self._tasks: set[asyncio.Future[None]] = set()
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_bytes = 0
-        self._outbox_ready = asyncio.Event()
-        self._outbox_drained = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
-        self._closed = asyncio.Event()
+        """Runs only while something is queued: an idle connection holds no task and no event."""
+        self._closed: asyncio.Event | None = None
         self._overflowed = False
         self._close_after_reply: tuple[int, str] | None = None
         """Set by a method whose answer ends the connection: sent first, then closed."""
@@ -181,6 +180,7 @@ class Connection:
         if self._closing:
             return
         self._closing = True
+        self._closed = closed = asyncio.Event()
         for name in list(self._timers):
             self._cancel_timer(name)
         self.lifecycle.apply(Event.CLOSE)
@@ -193,7 +193,7 @@ class Connection:
             # A peer that does not read cannot take our close frame: drop the TCP connection.
             self._abort()
         finally:
-            self._closed.set()
+            closed.set()
 
     async def _end_session(self, notification: str, reason: str) -> None:
         if self._closing:
@@ -240,7 +240,8 @@ class Connection:
             return False
         self._outbox.append(data)
         self._outbox_bytes += len(data)
-        self._outbox_ready.set()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop())
         return True
 
     def notify(self, method: str, params: Any = None) -> bool:
@@ -253,25 +254,29 @@ class Connection:
         await self.close(CLOSE_POLICY_VIOLATION, REASON_SLOW_CONSUMER, flush=False)
 
     async def _write_loop(self) -> None:
+        """Send what is queued, in order, then end (``post`` starts a new one when needed)."""
         outbox = self._outbox
         messages_out = self.gateway.metrics.messages_out
-        while True:
-            await self._outbox_ready.wait()
+        try:
             while outbox:
                 data = outbox[0]
                 await self.ws.send_frame(data, WSMsgType.TEXT)
                 outbox.popleft()
                 self._outbox_bytes -= len(data)
                 messages_out.inc()
-            self._outbox_ready.clear()
-            self._outbox_drained.set()
+        except (ConnectionError, RuntimeError):
+            # The peer went away mid-send; the receive loop ends the connection.
+            outbox.clear()
+            self._outbox_bytes = 0
+        finally:
+            self._writer = None
 
     async def _flush(self, timeout: float) -> None:
-        if self._writer is None or not self._outbox:
-            return
-        self._outbox_drained.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._outbox_drained.wait(), timeout)
+        """Wait (at most ``timeout``) until everything queued has been handed to the socket."""
+        writer = self._writer
+        if writer is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(writer), timeout)
 
     def _stop_writer(self) -> None:
         if self._writer is not None:
@@ -281,7 +286,6 @@ class Connection:
     # --- receiving ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._writer = asyncio.create_task(self._write_loop())
         limits = self.gateway.config.limits
         self._set_timer("init", time.time() + limits.init_timeout, self._init_timeout)
         if limits.idle_timeout > 0:
@@ -300,6 +304,9 @@ class Connection:
                     reply = await self.handle(message.data)
                     if reply is not None:
                         self.post(reply)
+                    # Drop references before waiting for the next message: an idle connection
+                    # should not pin its last request and reply in memory.
+                    del reply, message
                     if self._close_after_reply is not None:
                         await self.close(*self._close_after_reply)
                 elif message.type is WSMsgType.ERROR:
@@ -309,7 +316,7 @@ class Connection:
             for name in list(self._timers):
                 self._cancel_timer(name)
             self._stop_writer()
-            if self._closing:
+            if self._closed is not None:
                 # Another task is closing (a revocation, a timer): let its close handshake
                 # finish before the handler returns and aiohttp drops the TCP connection.
                 with contextlib.suppress(TimeoutError):
