@@ -299,6 +299,11 @@ async def test_refusals_are_counted_and_logged_with_the_address(shared_daemon: D
     assert "refused GET /ws: origin_forbidden ip=127.0.0.1" in shared_daemon.logs()
 
 
+async def test_metrics_refuse_a_rebinding_host_even_from_loopback(shared_daemon: Daemon) -> None:
+    status, body = await refusal(shared_daemon, {"Host": "attacker.example"}, path="/metrics")
+    assert (status, body["error"]) == (403, "host_forbidden")
+
+
 async def test_metrics_need_loopback_or_admin(wardgate: DaemonFactory) -> None:
     d = wardgate(BEHIND_PROXY)
     status, body = await refusal(d, xff("203.0.113.9"), path="/metrics")

@@ -337,6 +337,10 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     """Prometheus metrics: only from a loopback peer, or with an admin credential."""
     gateway = request.app[GATEWAY_KEY]
     peer = request.remote
+    # Address and Host checks apply to loopback too: a DNS-rebinding page must not read metrics.
+    check = precheck(gateway.facts(request), gateway.policy)
+    if check.failure is not None:
+        return gateway.reject(request, check.failure, peer)
     if not (peer is not None and is_loopback_host(peer) and "X-Forwarded-For" not in request.headers):
         try:
             check = gateway.guard(request)
@@ -371,6 +375,9 @@ def build_app(gateway: Gateway) -> web.Application:
 
 async def discover(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY_KEY]
+    check = precheck(gateway.facts(request), gateway.policy)
+    if check.failure is not None:
+        return gateway.reject(request, check.failure, request.remote)
     return web.json_response(openrpc_document(gateway.registry, title="wardgate", version=__version__))
 
 
