@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from wardgate.errors import AuthenticationRequired, InvalidRequest, WardgateError
+from wardgate.errors import AuthenticationRequired, InvalidRequest, TokenRevoked, WardgateError
 from wardgate.gate.decide import Precheck, precheck
 from wardgate.server.ws import iso8601
 
@@ -107,7 +107,9 @@ async def refresh(request: web.Request) -> web.Response:
     except WardgateError as exc:
         gateway.auth_failed(check, exc)
         gateway.audit("auth.failed", reason=exc.reason, ip=ip, via="refresh")
-        await gateway.enforce_revocations()
+        if isinstance(exc, TokenRevoked):
+            # Reuse detection revoked a device: close its live sockets now, not at the next poll.
+            await gateway.enforce_revocations()
         return gateway.reject(request, exc, ip)
     gateway.audit("token.refreshed", device=issued.device_id, ip=ip)
     return _no_store(web.json_response(_issued(issued)))

@@ -168,9 +168,6 @@ class Gateway:
             except OSError:
                 log.exception("cannot write the audit log")
 
-    def connection_authenticated(self, conn: Connection) -> None:
-        """Called when a pairing connection becomes a device session."""
-
     def is_workspace_root(self, path: str) -> bool:
         return workspace_matches(self.workspace, path)
 

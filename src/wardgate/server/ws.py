@@ -134,7 +134,6 @@ class Connection:
         self._overflowed = False
         self._close_after_reply: tuple[int, str] | None = None
         """Set by a method whose answer ends the connection: sent first, then closed."""
-        self.messages_in = 0
 
     # --- identity ----------------------------------------------------------------------------
 
@@ -294,7 +293,6 @@ class Connection:
         try:
             async for message in self.ws:
                 if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    self.messages_in += 1
                     self.last_activity = time.monotonic()
                     metrics.messages_in.inc()
                     if not self._within_rate():
@@ -436,7 +434,6 @@ class Connection:
                 device_id=issued.device_id,
                 claims=session_claims,
             )
-            gateway.connection_authenticated(self)
             gateway.audit("pairing.redeemed", device=issued.device_id, ip=self.client_ip, via="initialize")
             session = {
                 "token": issued.session_token,
