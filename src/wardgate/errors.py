@@ -29,7 +29,12 @@ path or an exception text from somewhere else.
     │   ├── HostForbidden           403  host_forbidden
     │   ├── IpForbidden             403  ip_forbidden
     │   ├── RateLimited             429  rate_limited
-    │   └── TooManyConnections      503  too_many_connections
+    │   ├── TooManyConnections      503  too_many_connections
+    │   ├── UpstreamNotFound        404  upstream_not_found
+    │   └── MethodNotAllowed        405  method_not_allowed
+    ├── BodyTooLarge                413  body_too_large      (a ProtocolError)
+    ├── BadGateway                  502  1014  bad_gateway
+    ├── GatewayTimeout              504  1014  gateway_timeout
     ├── StoreUnavailable            503  store_unavailable
     └── ApplicationError                  a method failed (-32010 and below)
         ├── AgentNotConfigured           -32011 agent_not_configured
@@ -202,6 +207,11 @@ class PermissionDenied(AuthError):
     message = "Permission denied."
 
 
+class CsrfFailed(PermissionDenied):
+    reason = "csrf_failed"
+    message = "A request authenticated by the session cookie needs the X-CSRF-Token header from login."
+
+
 # --- gate policy (before authentication) ---------------------------------------------
 
 
@@ -241,6 +251,47 @@ class TooManyConnections(PolicyError):
     http_status = 503
     close_code = CLOSE_TRY_AGAIN_LATER
     message = "Too many connections. Try again later."
+
+
+# --- relays (gateway proxy) ---------------------------------------------------------
+# Messages are fixed strings: never an upstream's name, URL, status text or header.
+
+
+class UpstreamNotFound(PolicyError):
+    """No upstream of that name. Deliberately does not list the configured ones."""
+
+    reason = "upstream_not_found"
+    http_status = 404
+    message = "No such upstream."
+
+
+class MethodNotAllowed(PolicyError):
+    reason = "method_not_allowed"
+    http_status = 405
+    message = "This method is not allowed for this upstream."
+
+
+class BodyTooLarge(ProtocolError):
+    reason = "body_too_large"
+    http_status = 413
+    close_code = CLOSE_MESSAGE_TOO_BIG
+    message = "The request body is too large for this upstream."
+
+
+class BadGateway(WardgateError):
+    """The upstream could not be reached, refused us, or answered with something unusable."""
+
+    reason = "bad_gateway"
+    http_status = 502
+    close_code = CLOSE_BAD_GATEWAY
+    message = "The upstream is unavailable."
+
+
+class GatewayTimeout(WardgateError):
+    reason = "gateway_timeout"
+    http_status = 504
+    close_code = CLOSE_BAD_GATEWAY
+    message = "The upstream did not answer in time."
 
 
 class StoreUnavailable(WardgateError):

@@ -1,8 +1,9 @@
 """One store interface for every backend (SQLite now, Redis for several instances).
 
 The store holds only what must outlive a process: devices, refresh-token
-families (token hashes, never tokens), consumed pairing nonces, revocations and
-a few counters. Session tokens are self-verifying and never stored. Agent runs (their record
+families (token hashes, never tokens), API keys and browser cookie sessions
+(hashes, never the secrets), consumed pairing nonces, revocations and a few
+counters. Session tokens are self-verifying and never stored. Agent runs (their record
 and their output lines, bounded) are kept too, so a client can catch up after a restart.
 
 Every operation that changes credentials is one atomic step in the backend
@@ -61,6 +62,45 @@ class NewRefresh:
     expires_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A long-lived ``wgk_`` key: only its hash is stored, with a name and a role."""
+
+    id: str
+    name: str
+    role: str
+    created_at: float
+    expires_at: float | None = None
+    """None: until revoked."""
+    last_used_at: float | None = None
+    revoked_at: float | None = None
+
+    def usable(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass(frozen=True, slots=True)
+class CookieSession:
+    """A browser login (``wardgate_session`` cookie): only the cookie value's hash is stored.
+
+    It stands for the device a pairing token registered, or for the API key it was opened
+    with, and dies with either."""
+
+    id: str
+    role: str
+    created_at: float
+    expires_at: float
+    """Sliding: pushed forward on use, never past ``max_expires_at``."""
+    max_expires_at: float
+    device_id: str | None = None
+    family_id: str | None = None
+    api_key_id: str | None = None
+    revoked_at: float | None = None
+
+    def usable(self, now: float) -> bool:
+        return self.revoked_at is None and now < self.expires_at
+
+
 class RedeemOutcome(StrEnum):
     REDEEMED = "redeemed"
     ALREADY_USED = "already_used"
@@ -93,6 +133,10 @@ class Revocations:
     """Revoked token ids (``jti``) not yet expired."""
     not_before: float = 0.0
     """Sessions issued before this time are revoked (``wardgate token revoke-all``)."""
+    api_keys: frozenset[str] = field(default_factory=frozenset)
+    """Revoked (or expired) API key ids."""
+    cookies: frozenset[str] = field(default_factory=frozenset)
+    """Revoked cookie session ids not yet expired."""
 
     def session_revoked(self, *, device: str | None, family: str | None, jti: str, iat: float) -> bool:
         return (
@@ -209,6 +253,41 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def revoke_token(self, jti: str, *, expires_at: float) -> None:
         """Revoke one session token by id until it would have expired anyway."""
+
+    # --- API keys --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_api_key(self, key: ApiKey, *, key_hash: str) -> None: ...
+
+    @abc.abstractmethod
+    async def api_key_by_hash(self, key_hash: str) -> ApiKey | None:
+        """The key (revoked or not) whose secret hashes to ``key_hash``."""
+
+    @abc.abstractmethod
+    async def list_api_keys(self, *, include_revoked: bool = False) -> list[ApiKey]: ...
+
+    @abc.abstractmethod
+    async def touch_api_key(self, key_id: str, *, now: float) -> None: ...
+
+    @abc.abstractmethod
+    async def revoke_api_key(self, key_id: str, *, now: float) -> bool:
+        """Revoke a key and every cookie session opened with it. False if unknown or already revoked."""
+
+    # --- browser cookie sessions ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_cookie_session(self, session: CookieSession, *, session_hash: str) -> None: ...
+
+    @abc.abstractmethod
+    async def cookie_session_by_hash(self, session_hash: str) -> CookieSession | None:
+        """The session (revoked or not) whose cookie value hashes to ``session_hash``."""
+
+    @abc.abstractmethod
+    async def extend_cookie_session(self, session_id: str, *, expires_at: float) -> None:
+        """Slide the expiry forward (never backwards, never past ``max_expires_at``)."""
+
+    @abc.abstractmethod
+    async def revoke_cookie_session(self, session_id: str, *, now: float) -> bool: ...
 
     @abc.abstractmethod
     async def prune(self, *, now: float) -> None:

@@ -21,6 +21,8 @@ from wardgate.errors import StoreUnavailable
 from wardgate.store.base import (
     AgentOutputLine,
     AgentSessionRecord,
+    ApiKey,
+    CookieSession,
     Device,
     Family,
     NewRefresh,
@@ -51,6 +53,16 @@ CREATE TABLE IF NOT EXISTS refresh_tokens (
 CREATE INDEX IF NOT EXISTS refresh_family ON refresh_tokens(family_id);
 CREATE TABLE IF NOT EXISTS consumed_nonces (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS revoked_tokens (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY, key_hash TEXT NOT NULL UNIQUE, name TEXT NOT NULL, role TEXT NOT NULL,
+    created_at REAL NOT NULL, expires_at REAL, last_used_at REAL, revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS cookie_sessions (
+    id TEXT PRIMARY KEY, session_hash TEXT NOT NULL UNIQUE, role TEXT NOT NULL,
+    created_at REAL NOT NULL, expires_at REAL NOT NULL, max_expires_at REAL NOT NULL,
+    device_id TEXT, family_id TEXT, api_key_id TEXT, revoked_at REAL
+);
+CREATE INDEX IF NOT EXISTS cookie_sessions_key ON cookie_sessions(api_key_id);
 CREATE TABLE IF NOT EXISTS agent_sessions (
     id TEXT PRIMARY KEY, agent_type TEXT NOT NULL, status TEXT NOT NULL, started_at REAL NOT NULL,
     device_id TEXT, ended_at REAL, exit_code INTEGER, last_seq INTEGER NOT NULL DEFAULT 0,
@@ -138,7 +150,20 @@ class SqliteStore(Store):
                 r[0] for r in db.execute("SELECT jti FROM revoked_tokens WHERE expires_at > ?", (now,))
             )
             not_before = float(self._meta("not_before"))
-        return Revocations(revision, devices, families, tokens, not_before)
+            api_keys = frozenset(
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM api_keys WHERE revoked_at IS NOT NULL OR expires_at <= ?", (now,)
+                )
+            )
+            cookies = frozenset(
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM cookie_sessions WHERE revoked_at IS NOT NULL AND max_expires_at > ?",
+                    (now,),
+                )
+            )
+        return Revocations(revision, devices, families, tokens, not_before, api_keys, cookies)
 
     # --- pairing -----------------------------------------------------------------------------
 
@@ -266,8 +291,74 @@ class SqliteStore(Store):
             )
             self._bump()
 
+    # --- API keys ------------------------------------------------------------------------------
+
+    async def create_api_key(self, key: ApiKey, *, key_hash: str) -> None:
+        with _transaction(self.db):
+            self.db.execute(
+                _INSERT_API_KEY,
+                (*astuple(key), key_hash),
+            )
+
+    async def api_key_by_hash(self, key_hash: str) -> ApiKey | None:
+        row = self.db.execute(_SELECT_API_KEYS + " WHERE key_hash = ?", (key_hash,)).fetchone()
+        return ApiKey(*row) if row else None
+
+    async def list_api_keys(self, *, include_revoked: bool = False) -> list[ApiKey]:
+        query = _SELECT_API_KEYS
+        if not include_revoked:
+            query += " WHERE revoked_at IS NULL"
+        return [ApiKey(*row) for row in self.db.execute(query + " ORDER BY created_at, id")]
+
+    async def touch_api_key(self, key_id: str, *, now: float) -> None:
+        with _transaction(self.db):
+            self.db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, key_id))
+
+    async def revoke_api_key(self, key_id: str, *, now: float) -> bool:
+        with _transaction(self.db):
+            cur = self.db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, key_id)
+            )
+            self.db.execute(
+                "UPDATE cookie_sessions SET revoked_at = ? WHERE api_key_id = ? AND revoked_at IS NULL",
+                (now, key_id),
+            )
+            self._bump()
+            return cur.rowcount == 1
+
+    # --- browser cookie sessions -------------------------------------------------------------
+
+    async def create_cookie_session(self, session: CookieSession, *, session_hash: str) -> None:
+        with _transaction(self.db):
+            self.db.execute(
+                _INSERT_COOKIE,
+                (*astuple(session), session_hash),
+            )
+
+    async def cookie_session_by_hash(self, session_hash: str) -> CookieSession | None:
+        row = self.db.execute(_SELECT_COOKIES + " WHERE session_hash = ?", (session_hash,)).fetchone()
+        return CookieSession(*row) if row else None
+
+    async def extend_cookie_session(self, session_id: str, *, expires_at: float) -> None:
+        with _transaction(self.db):
+            self.db.execute(
+                "UPDATE cookie_sessions SET expires_at = MAX(expires_at, MIN(?, max_expires_at)) "
+                "WHERE id = ? AND revoked_at IS NULL",
+                (expires_at, session_id),
+            )
+
+    async def revoke_cookie_session(self, session_id: str, *, now: float) -> bool:
+        with _transaction(self.db):
+            cur = self.db.execute(
+                "UPDATE cookie_sessions SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (now, session_id),
+            )
+            self._bump()
+            return cur.rowcount == 1
+
     async def prune(self, *, now: float) -> None:
         with _transaction(self.db):
+            self.db.execute("DELETE FROM cookie_sessions WHERE max_expires_at <= ?", (now,))
             self.db.execute("DELETE FROM consumed_nonces WHERE expires_at <= ?", (now,))
             self.db.execute("DELETE FROM revoked_tokens WHERE expires_at <= ?", (now,))
             self.db.execute("DELETE FROM refresh_tokens WHERE expires_at <= ?", (now,))
@@ -330,7 +421,23 @@ class SqliteStore(Store):
         return len(old)
 
 
-# Column order is AgentSessionRecord's field order.
+# Column orders are the dataclasses' field orders.
+_SELECT_API_KEYS: Final = (
+    "SELECT id, name, role, created_at, expires_at, last_used_at, revoked_at FROM api_keys"
+)
+_INSERT_API_KEY: Final = (
+    "INSERT INTO api_keys(id, name, role, created_at, expires_at, last_used_at, revoked_at, key_hash) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_COOKIES: Final = (
+    "SELECT id, role, created_at, expires_at, max_expires_at, device_id, family_id, api_key_id, revoked_at "
+    "FROM cookie_sessions"
+)
+_INSERT_COOKIE: Final = (
+    "INSERT INTO cookie_sessions(id, role, created_at, expires_at, max_expires_at, device_id, family_id, "
+    "api_key_id, revoked_at, session_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
 _SELECT_AGENT_SESSIONS: Final = (
     "SELECT id, agent_type, status, started_at, device_id, ended_at, exit_code, last_seq, command, prompt "
     "FROM agent_sessions"
