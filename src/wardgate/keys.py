@@ -6,7 +6,11 @@ in order:
 1. ``WARDGATE_SIGNING_KEYS``: one or more base64url keys of at least 32 bytes,
    comma-separated, the first one active. Several instances that share this
    variable share their keys (multi-instance deployments).
-2. ``<data dir>/keys.json`` (mode 0600), generated with 256 random bits on the
+2. With ``store.backend: redis``, the ring kept in Redis: the first instance
+   creates it (atomically, so all instances agree), the others read it. Easy,
+   but whoever can read that Redis key can forge tokens; the env var is the
+   recommendation for production (docs/DEPLOYMENT.md).
+3. ``<data dir>/keys.json`` (mode 0600), generated with 256 random bits on the
    first start and read on every later one. Its mode is checked: a key file
    that others can read is refused, as ssh refuses such a private key.
 
@@ -122,40 +126,63 @@ def _read_key_file(path: Path) -> KeyRing:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise ConfigError(f"{path} is readable by other users (mode {mode:04o}); run: chmod 600 {path}")
-    try:
-        raw = msgspec.json.decode(path.read_bytes(), type=_KeyFile)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        raise ConfigError(f"{path} is not a valid wardgate key file") from None
-    keys = {kid: _decode_key(text, str(path)) for kid, text in raw.keys.items()}
-    if raw.active not in keys:
-        raise ConfigError(f"{path}: the active key {raw.active!r} is not in the file")
-    return KeyRing(server_id=raw.server_id, active_kid=raw.active, keys=keys)
+    return ring_from_json(path.read_bytes(), str(path), what="key file")
 
 
 def _write_key_file(path: Path, ring: KeyRing) -> None:
+    _write_private(path, msgspec.json.format(ring_to_json(ring)) + b"\n")
+
+
+def ring_to_json(ring: KeyRing) -> bytes:
+    """The ring in the key file's format (for sharing it through Redis)."""
     raw = _KeyFile(
         server_id=ring.server_id,
         active=ring.active_kid,
         keys={kid: _encode_key(key) for kid, key in ring.keys.items()},
     )
-    _write_private(path, msgspec.json.format(msgspec.json.encode(raw)) + b"\n")
+    return msgspec.json.encode(raw)
+
+
+def ring_from_json(data: bytes | str, where: str, *, what: str = "key ring") -> KeyRing:
+    try:
+        raw = msgspec.json.decode(data, type=_KeyFile)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise ConfigError(f"{where} is not a valid wardgate {what}") from None
+    keys = {kid: _decode_key(text, where) for kid, text in raw.keys.items()}
+    if raw.active not in keys:
+        raise ConfigError(f"{where}: the active key {raw.active!r} is not in the ring")
+    return KeyRing(server_id=raw.server_id, active_kid=raw.active, keys=keys)
+
+
+def new_key_ring() -> KeyRing:
+    key = generate_key()
+    return KeyRing(server_id=str(uuid.uuid4()), active_kid=key_id(key), keys={key_id(key): key})
+
+
+def env_key_ring(environ: Mapping[str, str] | None = None) -> KeyRing | None:
+    """The ring from ``WARDGATE_SIGNING_KEYS``, or None when it is not set."""
+    env = os.environ if environ is None else environ
+    if not env.get(KEYS_ENV):
+        return None
+    keys_list = [_decode_key(part, KEYS_ENV) for part in env[KEYS_ENV].split(",") if part]
+    if not keys_list:
+        raise ConfigError(f"{KEYS_ENV} holds no key")
+    keys = {key_id(key): key for key in keys_list}
+    server_id = env.get(SERVER_ID_ENV) or key_id(keys_list[0])
+    return KeyRing(server_id=server_id, active_kid=key_id(keys_list[0]), keys=keys)
 
 
 def load_key_ring(data_dir: Path, environ: Mapping[str, str] | None = None) -> KeyRing:
     """Load the key ring (env var first, then the key file), generating the file if missing."""
-    env = os.environ if environ is None else environ
-    if env.get(KEYS_ENV):
-        keys_list = [_decode_key(part, KEYS_ENV) for part in env[KEYS_ENV].split(",") if part]
-        keys = {key_id(key): key for key in keys_list}
-        server_id = env.get(SERVER_ID_ENV) or key_id(keys_list[0])
-        return KeyRing(server_id=server_id, active_kid=key_id(keys_list[0]), keys=keys)
+    from_env = env_key_ring(environ)
+    if from_env is not None:
+        return from_env
     ensure_data_dir(data_dir)
     path = data_dir / KEY_FILE_NAME
     with _locked(data_dir):
         if path.exists():
             return _read_key_file(path)
-        key = generate_key()
-        ring = KeyRing(server_id=str(uuid.uuid4()), active_kid=key_id(key), keys={key_id(key): key})
+        ring = new_key_ring()
         _write_key_file(path, ring)
         return ring
 
