@@ -465,3 +465,20 @@ def test_lockout_stays_within_bounds(steps: list[tuple[str, str, float]]) -> Non
             assert lockout.locked_for(key) == 0.0
         assert 0.0 <= lockout.locked_for(key) <= 40.0
         assert len(lockout) <= 3
+
+
+@given(
+    limit=st.integers(min_value=1, max_value=20),
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0.0, max_value=0.7), st.sampled_from(["a", "b"])), max_size=80
+    ),
+)
+def test_hit_one_answers_exactly_as_hit(limit: int, steps: list[tuple[float, str]]) -> None:
+    clock_a, clock_b = FakeClock(0.0), FakeClock(0.0)
+    full = SlidingWindowLimiter(limit, 1.0, clock=clock_a)
+    fast = SlidingWindowLimiter(limit, 1.0, clock=clock_b)
+    for advance, key in steps:
+        clock_a.advance(advance)
+        clock_b.advance(advance)
+        assert fast.hit_one(key) is full.hit(key).allowed
+        assert fast.peek(key) == full.peek(key)

@@ -175,6 +175,23 @@ class SlidingWindowLimiter:
             counts.add(position, cost)
         return decision
 
+    def hit_one(self, key: str) -> bool:
+        """``hit(key).allowed`` without building a decision: the per-message hot path. Call
+        :meth:`peek` after a refusal for the ``retry_after``."""
+        position = self._clock() / self._window
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = _WindowCounts(math.floor(position))
+            self._counts[key] = counts
+            if len(self._counts) > self._max_keys:
+                self._counts.popitem(last=False)
+        else:
+            self._counts.move_to_end(key)
+        if counts.estimate(position) <= self._limit - 1 + _TOLERANCE:
+            counts.add(position, 1)
+            return True
+        return False
+
     def peek(self, key: str, cost: int = 1) -> RateDecision:
         """What :meth:`hit` would answer now, without recording anything."""
         self._require_cost(cost)
