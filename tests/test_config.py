@@ -146,3 +146,19 @@ def test_missing_explicit_config_file_is_an_error(tmp_path: Path) -> None:
 def test_default_config_file_in_home_is_read(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("server:\n  port: 8999\n")
     assert load_config(environ={"WARDGATE_HOME": str(tmp_path)}).server.port == 8999
+
+
+def test_text_settings_from_env_are_verbatim(tmp_path: Path) -> None:
+    config = load_config(
+        environ={
+            "WARDGATE_HOME": str(tmp_path),
+            "WARDGATE_STORE_PREFIX": "team-a:",
+            "WARDGATE_SERVER_PUBLIC_URL": "https://x.example:8443",
+            "WARDGATE_STORE_PASSWORD": "${REDIS_PASSWORD}",
+            "WARDGATE_LIMITS_MAX_CONNECTIONS": "7",
+        }
+    )
+    assert config.store.prefix == "team-a:"
+    assert config.server.public_url == "https://x.example:8443"
+    assert config.store.password == "${REDIS_PASSWORD}"
+    assert config.limits.max_connections == 7

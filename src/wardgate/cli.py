@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import typer
 from rich.console import Console
@@ -35,8 +35,10 @@ app = typer.Typer(
 token_app = typer.Typer(help="Refresh tokens (one per paired device session).", no_args_is_help=True)
 devices_app = typer.Typer(help="Paired devices.", no_args_is_help=True)
 security_app = typer.Typer(help="Security status and the audit log.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys (wgk_...) for services and scripts.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(devices_app, name="devices")
+app.add_typer(keys_app, name="keys")
 app.add_typer(security_app, name="security")
 
 out = Console()
@@ -131,7 +133,7 @@ async def _serve(config: Config) -> None:
     from wardgate.server.app import build_app, create_gateway
     from wardgate.server.tlsctx import server_ssl_for
 
-    gateway = create_gateway(config)
+    gateway = await create_gateway(config)
     ssl_context, fingerprint = server_ssl_for(config)
     app = build_app(gateway)
     runner = web.AppRunner(
@@ -231,13 +233,12 @@ class _AuthorityContext:
 
     async def __aenter__(self) -> Any:
         from wardgate.authority import Authority
-        from wardgate.keys import load_key_ring
-        from wardgate.server.app import open_store
+        from wardgate.server.app import load_keys, open_store
 
         self.store = open_store(self.config)
         await self.store.open()
         return Authority(
-            keys=load_key_ring(self.config.home),
+            keys=await load_keys(self.config, self.store),
             store=self.store,
             pairing_ttl=self.config.pairing_expiry,
             session_ttl=self.config.security.token.session_expiry,
@@ -378,6 +379,123 @@ def devices_revoke(device_id: str, config_file: ConfigOption = None) -> None:
         raise typer.Exit(1)
     _audit(config, "device.revoked", device=device_id, by="cli")
     out.print(f"Revoked {device_id}; its live connections close within a second.", highlight=False)
+
+
+# --- API keys -----------------------------------------------------------------------------------
+
+_DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``90s``, ``30m``, ``12h``, ``30d`` or ``2w`` as seconds (positive)."""
+    value = text.strip().lower()
+    unit = _DURATION_UNITS.get(value[-1:], 0)
+    number = value[:-1] if unit else value
+    if not (number.isascii() and number.isdigit()) or int(number) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a duration such as 3600, 30m, 12h, 30d or 2w")
+    return int(number) * (unit or 1)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="What the key is for (shown in 'keys list').")],
+    role: Annotated[str, typer.Option("--role", help="viewer, operator or admin.")] = "operator",
+    expires: Annotated[
+        str | None, typer.Option("--expires", help="Lifetime such as 30d or 12h (default: until revoked).")
+    ] = None,
+    config_file: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Create an API key. It is printed once; only its hash is stored."""
+    from wardgate.roles import Role
+
+    if role not in {r.value for r in Role}:
+        raise typer.BadParameter(f"{role!r} is not one of: viewer, operator, admin", param_hint="--role")
+    ttl = parse_duration(expires) if expires is not None else None
+    config = _load(config_file)
+
+    async def create() -> tuple[str, Any]:
+        async with _authority(config) as authority:
+            return tuple(await authority.create_api_key(name, role, ttl=ttl))
+
+    secret, key = _run(create)
+    _audit(config, "apikey.created", key=key.id, role=key.role)
+    if as_json:
+        print(
+            json.dumps(
+                {"id": key.id, "name": key.name, "role": key.role, "expires": key.expires_at, "key": secret}
+            )
+        )
+        return
+    err.print(
+        f"Created API key {key.id} ({key.name}, {key.role}). It is shown once; store it now:",
+        highlight=False,
+        markup=False,
+    )
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list(
+    config_file: ConfigOption = None,
+    include_revoked: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List API keys, never their values."""
+    config = _load(config_file)
+
+    async def keys() -> list[Any]:
+        async with _authority(config) as authority:
+            return list(await authority.store.list_api_keys(include_revoked=include_revoked))
+
+    rows = _run(keys)
+    now = time.time()
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": k.id,
+                        "name": k.name,
+                        "role": k.role,
+                        "created": k.created_at,
+                        "lastUsed": k.last_used_at,
+                        "expires": k.expires_at,
+                        "revoked": k.revoked_at is not None,
+                    }
+                    for k in rows
+                ]
+            )
+        )
+        return
+    table = Table("ID", "Name", "Role", "Created", "Last used", "Expires", "Status")
+    for k in rows:
+        if k.revoked_at is not None:
+            status = "[red]revoked[/red]"
+        elif not k.usable(now):
+            status = "[yellow]expired[/yellow]"
+        else:
+            status = "[green]active[/green]"
+        table.add_row(
+            k.id, k.name, k.role, _when(k.created_at), _when(k.last_used_at), _when(k.expires_at), status
+        )
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config_file: ConfigOption = None) -> None:
+    """Revoke an API key: it stops working and connections using it close."""
+    config = _load(config_file)
+
+    async def revoke() -> bool:
+        async with _authority(config) as authority:
+            return bool(await authority.revoke_api_key(key_id))
+
+    if not _run(revoke):
+        err.print(f"wardgate: no active API key {key_id!r}", markup=False)
+        raise typer.Exit(1)
+    _audit(config, "apikey.revoked", key=key_id, by="cli")
+    out.print(f"Revoked {key_id}; its live connections close within a second.", highlight=False)
 
 
 # --- security -----------------------------------------------------------------------------------

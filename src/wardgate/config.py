@@ -3,7 +3,7 @@
 The file is ``$WARDGATE_HOME/config.yaml`` (``WARDGATE_HOME`` defaults to
 ``~/.wardgate``) unless ``--config`` names another. Every setting can also come
 from an env var named after its path: ``security.token.session_expiry`` is
-``WARDGATE_SECURITY_TOKEN_SESSION_EXPIRY``; values are read as YAML scalars
+``WARDGATE_SECURITY_TOKEN_SESSION_EXPIRY``; values are read as YAML scalars (text settings verbatim)
 (``true``, ``8766``, ``[a, b]``). An unknown key in the file or an unknown
 ``WARDGATE_<SECTION>_...`` variable is an error, so a typo cannot silently
 leave a default in force.
@@ -88,10 +88,31 @@ class AuditSettings(_Section):
     backups: int = 5
 
 
+class RejectStyle(StrEnum):
+    HTTP = "http"
+    """Refuse a WebSocket upgrade with an HTTP status and a JSON body (the default)."""
+    CLOSE = "close"
+    """Accept the upgrade, then close with 1008 and the reason: for clients that cannot read
+    an HTTP status (browsers). Only authentication and permission refusals; rate limits and
+    capacity stay HTTP 429/503, so a flood never costs an upgrade."""
+
+
+class CookieSettings(_Section):
+    idle_ttl: int = 8 * 3600
+    """Seconds a browser session cookie lives without use; every use extends it (sliding)."""
+    max_ttl: int = 7 * 86400
+    """Seconds after login when the cookie session ends however active it is."""
+    path: str = "/"
+    """The cookie's Path attribute."""
+    secure: bool | None = None
+    """The Secure attribute; default: on when wardgate serves TLS or a proxy terminates it."""
+
+
 class SecuritySettings(_Section):
     mode: Mode = Mode.AUTHENTICATED
     require_auth: bool | None = None
     allow_query_token: bool = False
+    reject_style: RejectStyle = RejectStyle.HTTP
     allowed_hosts: list[str] = msgspec.field(default_factory=list)
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
     ip_allow: list[str] = msgspec.field(default_factory=list)
@@ -100,15 +121,51 @@ class SecuritySettings(_Section):
     origins: OriginSettings = msgspec.field(default_factory=OriginSettings)
     tls: TlsSettings = msgspec.field(default_factory=TlsSettings)
     audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
+    cookie: CookieSettings = msgspec.field(default_factory=CookieSettings)
+
+
+class UpstreamSettings(_Section):
+    """One backend wardgate relays to (DESIGN.md, "Gateway proxy"). Only configuration names
+    upstreams; a client can never supply or alter an upstream URL (seed 003, finding 5)."""
+
+    url: str
+    """The upstream's base, ``http://host:port/prefix`` or ``https://...``; the relayed path is
+    appended to it. WebSocket relays use ``ws://``/``wss://`` derived from it."""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    """Sent to the upstream on every request. A value may reference ``${ENV_VAR}`` or be
+    ``@/path/to/file`` (the file's content, stripped), so a secret need not sit in the config."""
+    allow_paths: list[str] = msgspec.field(default_factory=lambda: ["/**"])
+    """Glob patterns over the relayed path (``*`` one segment, ``**`` any number)."""
+    allow_methods: list[str] = msgspec.field(default_factory=lambda: ["GET", "HEAD"])
+    """HTTP methods the ``http`` relay passes; WebSocket and SSE relays are always GET."""
+    max_connections_per_user: int = 10
+    """Open relays (WebSocket and SSE) per principal to this upstream."""
+    splice: bool = False
+    """WebSocket frames pass without per-message checks (no message rate limit, no scrubbing of
+    upstream frames): for upstreams that need none. Close reasons are still scrubbed."""
+    timeout: float = 30.0
+    """Seconds to connect to the upstream and, for the http relay, to receive its response."""
+    max_body_bytes: int = 10 * MIB
+    """Largest request body the http relay forwards."""
 
 
 class StoreSettings(_Section):
     backend: str = "sqlite"
+    """``sqlite`` (one machine) or ``redis`` (several instances acting as one)."""
     path: str = ""
     """SQLite file; default ``<data dir>/wardgate.db``."""
     url: str = ""
+    """Redis: ``redis://host:6379/0`` or ``rediss://`` (TLS). Better without a password in it."""
+    password: str = ""
+    """Redis password: ``${ENV_VAR}`` or ``@/path/to/file`` (a literal works but sits in clear)."""
+    prefix: str = "wardgate:"
+    """Redis key prefix: instances sharing one prefix act as one gateway."""
+    lease_ttl: float = 15.0
+    """Redis: seconds before the connection slots of an instance that stopped renewing them
+    (it died) free themselves; renewed every third of it."""
     poll_interval: float = 0.25
-    """Seconds between checks for revocations made by other processes."""
+    """Seconds between checks for revocations made by other processes (with Redis, pub/sub
+    delivers them at once and this poll is the reconciliation)."""
 
 
 class LimitSettings(_Section):
@@ -117,10 +174,12 @@ class LimitSettings(_Section):
     max_message_bytes: int = MIB
     """Largest WebSocket message accepted, checked before any parsing (close 1009)."""
     heartbeat: float = 20.0
-    """Seconds between pings; a peer that does not answer is disconnected."""
+    """Seconds between pings; a peer that does not answer is disconnected. Relays: a side idle
+    this long is pinged, and dropped if still silent a heartbeat later."""
     compression: bool = False
-    """permessage-deflate. Off by default; when on, ``max_message_bytes`` caps the
-    DECOMPRESSED size (a small compressed frame cannot expand past it)."""
+    """permessage-deflate on wardgate's JSON-RPC socket (relays never negotiate it). Off by
+    default; when on, ``max_message_bytes`` caps the DECOMPRESSED size (a small compressed frame
+    cannot expand past it)."""
     handshake_timeout: float = 10.0
     """Seconds a client has to send a complete HTTP request head (slow-header attacks); also
     how long an idle keep-alive HTTP connection stays open."""
@@ -134,6 +193,9 @@ class LimitSettings(_Section):
     handshakes_per_ip: int = 120
     """Upgrade and auth API requests per client address per ``handshake_window`` (then 429)."""
     handshake_window: float = 60.0
+    http_requests_per_ip: int = 1200
+    """Requests through the HTTP relays (``/proxy/<name>/http/...``) per client address per
+    ``handshake_window`` (then 429): pages make many, so they have their own budget."""
     auth_failures_per_ip: int = 10
     """Failed authentications per address per ``auth_failure_window`` before a lockout."""
     auth_failure_window: float = 300.0
@@ -211,6 +273,7 @@ class Config(_Section):
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     workspace: WorkspaceSettings = msgspec.field(default_factory=WorkspaceSettings)
+    upstreams: dict[str, UpstreamSettings] = msgspec.field(default_factory=dict)
     data_dir: str = ""
     """Where keys, the store and the audit log live; default ``$WARDGATE_HOME``."""
 
@@ -265,6 +328,13 @@ class Config(_Section):
     def tls_enabled(self) -> bool:
         return self.security.tls.enabled or self.security.tls.auto_cert
 
+    @property
+    def cookie_secure(self) -> bool:
+        value = self.security.cookie.secure
+        if value is None:
+            return self.tls_enabled or self.security.tls.terminated_by_proxy
+        return value
+
 
 def default_home(environ: Mapping[str, str]) -> Path:
     return Path(environ.get(HOME_ENV) or "~/.wardgate").expanduser()
@@ -286,6 +356,22 @@ def _leaf_paths(
 
 
 ENV_SETTINGS: Final = _leaf_paths(Config)
+
+
+def _string_paths(struct_type: type[msgspec.Struct], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Paths of settings typed ``str``: their env values are taken verbatim, not read as YAML
+    (``WARDGATE_STORE_PREFIX=app:`` is the string ``app:``, not a mapping)."""
+    out: set[tuple[str, ...]] = set()
+    for info in msgspec.structs.fields(struct_type):
+        path = (*prefix, info.name)
+        if isinstance(info.type, type) and issubclass(info.type, msgspec.Struct):
+            out |= _string_paths(info.type, path)
+        elif info.type is str:
+            out.add(path)
+    return out
+
+
+_STRING_SETTINGS: Final = _string_paths(Config)
 _SECTIONS: Final = {name.upper() for name in Config.__struct_fields__}
 # Variables that are not settings but share the prefix.
 _NOT_SETTINGS: Final = {HOME_ENV, "WARDGATE_SIGNING_KEYS", "WARDGATE_SERVER_ID", "WARDGATE_CONFIG"}
@@ -323,6 +409,9 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                 raise ConfigError(
                     f"{name} is not a wardgate setting (see the README's configuration reference)"
                 )
+            continue
+        if path in _STRING_SETTINGS:
+            _set_path(tree, path, text)
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else ""
@@ -446,6 +535,8 @@ def validate(config: Config) -> None:
         ("security.token.session_expiry", sec.token.session_expiry),
         ("security.token.pairing_expiry", config.pairing_expiry),
         ("security.token.refresh_expiry", config.refresh_expiry),
+        ("security.cookie.idle_ttl", sec.cookie.idle_ttl),
+        ("security.cookie.max_ttl", sec.cookie.max_ttl),
     ):
         if value <= 0:
             raise ConfigError(f"{name} must be positive")
@@ -455,9 +546,14 @@ def validate(config: Config) -> None:
             continue
         if value < 0 or (value == 0 and name != "idle_timeout"):
             raise ConfigError(f"limits.{name} must be positive")
+    if not sec.cookie.path.startswith("/") or any(c in sec.cookie.path for c in ";, \t\r\n"):
+        raise ConfigError("security.cookie.path must be a URL path starting with '/'")
     if config.logging.format not in ("console", "json"):
         raise ConfigError(f"logging.format {config.logging.format!r} is not one of: console, json")
     _validate_policies(config)
+    from wardgate.proxy.upstream import validate_upstreams
+
+    validate_upstreams(config.upstreams)
 
 
 def _validate_policies(config: Config) -> None:

@@ -61,7 +61,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Final, Literal, TextIO
 
@@ -141,7 +141,7 @@ _STRUCTURAL_PATTERN: Final = re.compile(
     # The browser subprotocol carrying a token.
     r"|(?P<subprotocol>(?P<subprotocol_prefix>(?i:wardgate\.bearer\.))[^\s,;'\"]+)"
     # A wardgate token: keep the prefix.
-    rf"|(?P<token>(?P<token_prefix>wg[psrk]_){_B64URL}+(?:\.{_B64URL}+)*)"
+    rf"|(?P<token>(?P<token_prefix>wg[psrkc]_){_B64URL}+(?:\.{_B64URL}+)*)"
     # A JWT (header and payload are base64url JSON objects, so both start with eyJ).
     rf"|(?P<jwt>eyJ{_B64URL}{{5,}}\.eyJ{_B64URL}{{5,}}(?:\.{_B64URL}*)*)"
 )
@@ -153,7 +153,7 @@ _CREDENTIAL_FIELD_NAME: Final = re.compile(
     r"|(?:[a-z0-9]+_)*(?:token|secret|password|passwd)|wardgate_session"
 )
 
-_TOKEN_SHAPE: Final = re.compile(rf"(wg[psrk]_){_B64URL}+(?:\.{_B64URL}+)*")
+_TOKEN_SHAPE: Final = re.compile(rf"(wg[psrkc]_){_B64URL}+(?:\.{_B64URL}+)*")
 
 _REDACTION_ROUND_LIMIT: Final = 4
 """At most this many rounds of redaction with configured secrets (see ``_redact_text``)."""
@@ -366,6 +366,16 @@ class Redactor:
         if is_credential_field_name(name):
             return _mask_field(value)
         return _redact_data(value, self._pattern)
+
+
+def add_secrets(secrets: Iterable[str]) -> None:
+    """Redact ``secrets`` (resolved upstream credentials, the Redis password) from every line
+    the root log handlers write from now on."""
+    for handler in logging.getLogger().handlers:
+        for log_filter in handler.filters:
+            if isinstance(log_filter, RedactingFilter):
+                for secret in secrets:
+                    log_filter.add_secret(secret)
 
 
 # --- records ------------------------------------------------------------------------------------

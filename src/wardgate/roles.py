@@ -16,6 +16,8 @@ class Scope(StrEnum):
     FILES_READ = "files:read"
     GIT_READ = "git:read"
     AGENT_RUN = "agent:run"
+    PROXY_USE = "proxy:use"
+    """Relays to the configured upstreams (``/proxy/...``)."""
     DEVICES_ADMIN = "devices:admin"
     TOKENS_ADMIN = "tokens:admin"
     AUDIT_READ = "audit:read"
@@ -28,7 +30,7 @@ class Role(StrEnum):
 
 
 _VIEWER: Final = frozenset({Scope.STATUS_READ, Scope.SESSIONS_READ, Scope.FILES_READ, Scope.GIT_READ})
-_OPERATOR: Final = _VIEWER | {Scope.AGENT_RUN}
+_OPERATOR: Final = _VIEWER | {Scope.AGENT_RUN, Scope.PROXY_USE}
 _ADMIN: Final = _OPERATOR | {Scope.DEVICES_ADMIN, Scope.TOKENS_ADMIN, Scope.AUDIT_READ}
 
 ROLE_SCOPES: Final[dict[Role, frozenset[Scope]]] = {

@@ -10,17 +10,22 @@ that is switched off is refused, never silently ignored (seed 003, finding 2).
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from wardgate.errors import AuthenticationRequired, InvalidToken
+from wardgate.errors import AuthenticationRequired, CsrfFailed, InvalidToken
 
 SUBPROTOCOL: Final = "wardgate.v1"
 BEARER_SUBPROTOCOL_PREFIX: Final = "wardgate.bearer."
 SESSION_COOKIE: Final = "wardgate_session"
 QUERY_PARAMETERS: Final = ("token", "apiKey")
+CSRF_HEADER: Final = "X-CSRF-Token"
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class CredentialSource(StrEnum):
@@ -85,3 +90,21 @@ def extract_credential(
                 )
             return Credential(value, CredentialSource.QUERY)
     return None
+
+
+def csrf_token(cookie_value: str) -> str:
+    """The CSRF token that goes with a session cookie: derived from the cookie's secret value,
+    so only someone who was handed the login response knows it (a cross-site page that makes the
+    browser send the cookie never sees the cookie's value)."""
+    mac = hmac.digest(cookie_value.encode(), b"wardgate-csrf-v1", hashlib.sha256)
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def check_csrf(method: str, headers: Mapping[str, str], credential: Credential | None) -> None:
+    """A state-changing request authenticated by the cookie must carry the CSRF token
+    (the allowed-Origin requirement for cookies is applied by the gate's precheck)."""
+    if credential is None or credential.source is not CredentialSource.COOKIE or method in SAFE_METHODS:
+        return
+    given = headers.get(CSRF_HEADER, "")
+    if not hmac.compare_digest(given.encode(), csrf_token(credential.token).encode()):
+        raise CsrfFailed

@@ -20,7 +20,7 @@ from wardgate.config import Config, allowed_host_names
 from wardgate.errors import HostForbidden, IpForbidden, OriginForbidden, WardgateError
 from wardgate.gate.credentials import Credential, CredentialSource, extract_credential
 from wardgate.gate.host import HostPolicy
-from wardgate.gate.network import AddressPolicy, client_address, parse_networks
+from wardgate.gate.network import AddressPolicy, client_address, parse_networks, peer_is_trusted
 from wardgate.gate.origin import OriginPolicy, OriginVerdict, parse_origin
 
 
@@ -35,7 +35,11 @@ class HandshakeFacts:
     headers: Mapping[str, str] = field(default_factory=dict)
     query: Mapping[str, str] = field(default_factory=dict)
     scheme: str = "http"
-    """The scheme the client used, to recognise same-origin requests from wardgate's own pages."""
+    """The scheme the request reached wardgate with, to recognise same-origin requests from
+    wardgate's own pages."""
+    forwarded_proto: str | None = None
+    """``X-Forwarded-Proto`` (its last value): the scheme the client used, believed only from a
+    trusted proxy (one that terminates TLS in front of wardgate)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +111,7 @@ def precheck(facts: HandshakeFacts, policy: GatePolicy) -> Precheck:
     )
 
     cookie_auth = credential is not None and credential.source is CredentialSource.COOKIE
-    if is_same_origin(facts):
+    if is_same_origin(facts, client_scheme(facts, policy)):
         origin_verdict = OriginVerdict(True, "origin is this server's own (same-origin request)")
     else:
         origin_verdict = policy.origins.check(facts.origin, cookie_auth=cookie_auth)
@@ -122,7 +126,15 @@ def precheck(facts: HandshakeFacts, policy: GatePolicy) -> Precheck:
     return Precheck(tuple(verdicts), ip, credential, None)
 
 
-def is_same_origin(facts: HandshakeFacts) -> bool:
+def client_scheme(facts: HandshakeFacts, policy: GatePolicy) -> str:
+    """The scheme the client used: ``X-Forwarded-Proto`` from a trusted proxy, else our own."""
+    proto = (facts.forwarded_proto or "").strip().lower()
+    if proto in ("http", "https") and peer_is_trusted(facts.peer, policy.trusted_proxies):
+        return proto
+    return facts.scheme
+
+
+def is_same_origin(facts: HandshakeFacts, scheme: str | None = None) -> bool:
     """Whether the Origin is the very scheme, host and port the request was sent to.
 
     Only meaningful after the Host check passed: the Host is then one of ours.
@@ -130,5 +142,5 @@ def is_same_origin(facts: HandshakeFacts) -> bool:
     if not facts.origin or not facts.host:
         return False
     origin = parse_origin(facts.origin)
-    own = parse_origin(f"{facts.scheme}://{facts.host}")
+    own = parse_origin(f"{scheme or facts.scheme}://{facts.host}")
     return origin is not None and origin == own

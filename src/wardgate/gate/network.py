@@ -141,6 +141,12 @@ def _parse_forwarded_entry(entry: str) -> IPAddress | None:
     return address if isinstance(address, IPv4Address) and split[1] is not None else None
 
 
+def peer_is_trusted(peer: str | None, trusted: Sequence[IPNetwork]) -> bool:
+    """Whether the TCP peer is one of the trusted proxies (whose forwarded headers count)."""
+    address = normalize_ip(peer) if peer is not None else None
+    return address is not None and _in_any(address, trusted) is not None
+
+
 def _in_any(address: IPAddress, networks: Sequence[IPNetwork]) -> IPNetwork | None:
     for network in networks:
         if address in network:
