@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,19 @@ from typing import Any
 
 import pytest
 
+from tests.redis_server import (  # noqa: F401 - fixtures for every test module
+    delete_prefix,
+    private_redis,
+    private_redis_factory,
+    redis_prefix,
+    redis_url,
+)
+from wardgate.keys import KeyRing, load_key_ring, ring_from_json
+
 ISSUED: set[str] = set()
 LOG_FILES: list[Path] = []
 _IN_PROCESS_LOG = io.StringIO()
-TOKEN_SHAPE = re.compile(r"wg[psrk]_[A-Za-z0-9_-]{8,}")
+TOKEN_SHAPE = re.compile(r"wg[psrkc]_[A-Za-z0-9_-]{8,}")
 
 
 def remember(*secrets: str | None) -> None:
@@ -38,7 +48,22 @@ def remember(*secrets: str | None) -> None:
             ISSUED.add(secret)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--store-backend",
+        choices=("sqlite", "redis"),
+        default="sqlite",
+        help="the store every daemon (and its CLI) of the end-to-end tests uses",
+    )
+
+
+STORE_BACKEND = "sqlite"
+"""Set from ``--store-backend`` when the session starts."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    global STORE_BACKEND
+    STORE_BACKEND = str(config.getoption("--store-backend"))
     handler = logging.StreamHandler(_IN_PROCESS_LOG)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
     handler.setLevel(logging.DEBUG)
@@ -151,6 +176,48 @@ class Daemon:
             raise AssertionError(f"wardgate {args[0]} failed ({result.returncode}): {result.stderr}")
         return result
 
+    def stored_bytes(self) -> bytes:
+        """Everything the daemon's store holds, raw: the SQLite files, or every value under its
+        Redis prefix (to show what is, and is not, kept)."""
+        url = self.env.get("WARDGATE_STORE_URL")
+        if url is None:
+            db = self.home / "wardgate.db"
+            return b"".join(p.read_bytes() for p in (db, db.with_name("wardgate.db-wal")) if p.exists())
+        import redis
+
+        client: Any = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            parts: list[bytes] = []
+            for key in client.scan_iter(match=self.env["WARDGATE_STORE_PREFIX"] + "*", count=1000):
+                kind = client.type(key)
+                if kind == b"string":
+                    parts.append(client.get(key) or b"")
+                elif kind == b"hash":
+                    parts.extend(k + b"=" + v for k, v in client.hgetall(key).items())
+                elif kind == b"set":
+                    parts.extend(client.smembers(key))
+                elif kind == b"zset":
+                    parts.extend(m for m, _ in client.zrange(key, 0, -1, withscores=True))
+                elif kind == b"list":
+                    parts.extend(client.lrange(key, 0, -1))
+                parts.append(key)
+            return b"\n".join(parts)
+        finally:
+            client.close()
+
+    def key_ring(self) -> KeyRing:
+        """The daemon's signing keys (for tests that forge tokens): its key file, or Redis."""
+        url = self.env.get("WARDGATE_STORE_URL")
+        if url is None:
+            return load_key_ring(self.home, environ={})
+        import redis
+
+        client: Any = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            return ring_from_json(client.get(self.env["WARDGATE_STORE_PREFIX"] + "keyring"), "test")
+        finally:
+            client.close()
+
     def pair_payload(self, role: str = "operator", *extra: str) -> dict[str, Any]:
         payload: dict[str, Any] = json.loads(self.cli("pair", "--json", "--role", role, *extra).stdout)
         remember(payload["token"])
@@ -168,9 +235,24 @@ RELAXED_LIMITS = {
 
 
 class DaemonFactory:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, store_url: str | None = None) -> None:
         self.root = root
+        self.redis_url = store_url
+        """With the Redis backend: every daemon gets its own key prefix on this server."""
         self.daemons: list[Daemon] = []
+        self.prefixes: list[str] = []
+
+    def store_env(self) -> dict[str, str]:
+        """The settings that put a daemon (and its CLI) on the session's store backend."""
+        if self.redis_url is None:
+            return {}
+        prefix = f"wgtest:{uuid.uuid4().hex[:12]}:"
+        self.prefixes.append(prefix)
+        return {
+            "WARDGATE_STORE_BACKEND": "redis",
+            "WARDGATE_STORE_URL": self.redis_url,
+            "WARDGATE_STORE_PREFIX": prefix,
+        }
 
     def __call__(
         self, config: str = "", *, env: dict[str, str] | None = None, start: bool = True, relaxed: bool = True
@@ -184,6 +266,7 @@ class DaemonFactory:
         if config:
             (home / "config.yaml").write_text(config)
         extra = dict(RELAXED_LIMITS if relaxed else {})
+        extra.update(self.store_env())
         extra.update(env or {})
         daemon = Daemon(home=home, workspace=workspace, env=_clean_env(home, extra))
         self.daemons.append(daemon)
@@ -192,11 +275,18 @@ class DaemonFactory:
     def stop_all(self) -> None:
         for daemon in self.daemons:
             daemon.stop()
+        if self.redis_url is not None:
+            for prefix in self.prefixes:
+                delete_prefix(self.redis_url, prefix)
+
+
+def _backend_redis(request: pytest.FixtureRequest) -> str | None:
+    return str(request.getfixturevalue("redis_url")) if STORE_BACKEND == "redis" else None
 
 
 @pytest.fixture
-def wardgate(tmp_path: Path) -> Iterator[DaemonFactory]:
-    factory = DaemonFactory(tmp_path)
+def wardgate(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFactory]:
+    factory = DaemonFactory(tmp_path, _backend_redis(request))
     yield factory
     factory.stop_all()
     # Collect now, so a socket a test left open is reported against that test, not a later one.
@@ -204,8 +294,10 @@ def wardgate(tmp_path: Path) -> Iterator[DaemonFactory]:
 
 
 @pytest.fixture(scope="module")
-def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def shared_daemon(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Daemon]:
     """One daemon with default settings for tests that do not change configuration."""
-    factory = DaemonFactory(tmp_path_factory.mktemp("shared"))
+    factory = DaemonFactory(tmp_path_factory.mktemp("shared"), _backend_redis(request))
     yield factory()
     factory.stop_all()

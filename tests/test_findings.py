@@ -108,11 +108,11 @@ async def test_003_finding_4_rate_limit_is_per_principal_not_per_connection(ward
             await rpc.close()
 
 
-def test_003_finding_5_no_client_chooses_where_the_server_connects(tmp_path: Path) -> None:
+async def test_003_finding_5_no_client_chooses_where_the_server_connects(tmp_path: Path) -> None:
     """A client-supplied push URL enabled SSRF. No method parameter names a URL, host or endpoint."""
     from wardgate.server.app import create_gateway
 
-    gateway = create_gateway(load_config(environ={"WARDGATE_HOME": str(tmp_path)}))
+    gateway = await create_gateway(load_config(environ={"WARDGATE_HOME": str(tmp_path)}))
     names = [spec.name for spec in gateway.registry]
     assert "status/get" in names
     for spec in gateway.registry:

@@ -18,13 +18,12 @@ import pytest
 from tests.conftest import Daemon, DaemonFactory, remember
 from tests.e2e.helpers import Rpc, exchange, handshake, post, refusal
 from wardgate import tokens
-from wardgate.keys import load_key_ring
 from wardgate.tokens import TokenClaims, TokenKind
 
 
 def forge(daemon: Daemon, kind: TokenKind, *, key: bytes | None = None, **over: Any) -> str:
     """A token signed with the daemon's own key (or another), for negative tests."""
-    ring = load_key_ring(daemon.home, environ={})
+    ring = daemon.key_ring()
     now = int(time.time())
     fields: dict[str, Any] = {
         "v": 1,

@@ -56,6 +56,47 @@ async def test_forwarded_address_is_believed_only_from_trusted_proxies(wardgate:
     assert (status, body["error"]) == (403, "ip_forbidden")  # the header is ignored: the peer is 127.0.0.1
 
 
+async def _status(daemon: Daemon, headers: list[tuple[str, str]]) -> tuple[int, Any]:
+    """A refusal for an upgrade whose headers may repeat (several X-Forwarded-For lines)."""
+    upgrade = [
+        ("Connection", "Upgrade"),
+        ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ]
+    async with aiohttp.ClientSession() as http, http.get(daemon.ws, headers=upgrade + headers) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def test_every_forwarded_for_line_counts(wardgate: DaemonFactory) -> None:
+    """HAProxy's option forwardfor appends its own line after the client's: the client's forged
+    first line must not decide who the client is."""
+    d = wardgate(BEHIND_PROXY + "  ip_deny: [198.51.100.0/24]\n")
+    status, body = await _status(d, [("X-Forwarded-For", "203.0.113.5"), ("X-Forwarded-For", "198.51.100.7")])
+    assert (status, body["error"]) == (403, "ip_forbidden")
+    status, body = await _status(d, [("X-Forwarded-For", "198.51.100.7"), ("X-Forwarded-For", "203.0.113.5")])
+    assert (status, body["error"]) == (401, "authentication_required")
+    events = [json.loads(line) for line in (d.home / "audit.log").read_text().splitlines()]
+    rejected = [e for e in events if e["event"] == "connection.rejected"]
+    # Refusals are logged with the client's address, not the proxy's.
+    assert [e["ip"] for e in rejected] == ["198.51.100.7", "203.0.113.5"]
+
+
+@pytest.mark.parametrize(
+    ("trusted", "proto", "expected"), [(True, "https", 401), (True, None, 403), (False, "https", 403)]
+)
+async def test_forwarded_proto_from_a_trusted_proxy_makes_our_own_page_same_origin(
+    wardgate: DaemonFactory, trusted: bool, proto: str | None, expected: int
+) -> None:
+    config = (BEHIND_PROXY if trusted else "security:\n") + "  origins:\n    allowed: [https://app.example]\n"
+    d = wardgate(config)
+    headers = [("Origin", f"https://127.0.0.1:{d.port}")]
+    if proto:
+        headers.append(("X-Forwarded-Proto", proto))
+    status, _ = await _status(d, headers)
+    assert status == expected
+
+
 # --- rate limits ------------------------------------------------------------------------------------------
 
 

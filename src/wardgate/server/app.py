@@ -9,20 +9,21 @@ upgrade, so no WebSocket is ever allocated for it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
+import os
 import secrets
+import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import web
 
 from wardgate import __version__
 from wardgate.authority import ANONYMOUS, Authority, Principal
-from wardgate.config import Config, is_loopback_host
+from wardgate.config import Config, RejectStyle, is_loopback_host
 from wardgate.errors import (
     CLOSE_GOING_AWAY,
     AuthenticationRequired,
@@ -34,18 +35,28 @@ from wardgate.errors import (
     TooManyConnections,
     WardgateError,
 )
-from wardgate.gate.credentials import SUBPROTOCOL, Credential
+from wardgate.gate.credentials import BEARER_SUBPROTOCOL_PREFIX, SUBPROTOCOL, Credential, offered_subprotocols
 from wardgate.gate.decide import GatePolicy, HandshakeFacts, Precheck, precheck
-from wardgate.keys import KeyRing, ensure_data_dir, load_key_ring
+from wardgate.gate.network import client_address
+from wardgate.keys import (
+    KeyRing,
+    ensure_data_dir,
+    env_key_ring,
+    load_key_ring,
+    new_key_ring,
+    ring_from_json,
+    ring_to_json,
+)
+from wardgate.limits import Limits, LocalLimits, RedisLimits, Slot
 from wardgate.logs import connection_id
 from wardgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from wardgate.metrics import Metrics
-from wardgate.ratelimit import FailureLockout, SlidingWindowLimiter
 from wardgate.roles import Scope
 from wardgate.rpc.registry import Registry, openrpc_document
 from wardgate.server import api
 from wardgate.server.ws import Connection, workspace_matches
 from wardgate.store.base import Store
+from wardgate.store.redis import RedisStore
 from wardgate.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
@@ -54,11 +65,44 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wardgate.server")
 
+CLOSE_POLICY_VIOLATION: Final = 1008
+FULL_RELOAD_INTERVAL: Final = 30.0
+"""Seconds between unconditional reloads of the revocation snapshot."""
+PRUNE_INTERVAL: Final = 3600.0
+"""Seconds between removals of records that can no longer matter (expired nonces, tokens)."""
+
+
+class Live(Protocol):
+    """An open connection the gateway tracks: a JSON-RPC socket or a relay. Revocation,
+    caps and shutdown treat both alike."""
+
+    id: str
+    principal: Principal
+    client_ip: str | None
+    counted_as: str
+    """The key this connection counts under for per-principal caps (fixed at connect)."""
+
+    @property
+    def device_id(self) -> str | None: ...
+
+    async def revoke(self) -> None:
+        """Tell the client its credential was revoked (where the protocol can) and close 4401."""
+
+    async def close(self, code: int, reason: str) -> None: ...
+
 
 class Gateway:
     """The daemon's runtime state: config, credentials, store, live connections."""
 
-    def __init__(self, config: Config, *, store: Store, keys: KeyRing, workspace: Path) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: Store,
+        keys: KeyRing,
+        workspace: Path,
+        limits: Limits | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.keys = keys
@@ -69,26 +113,22 @@ class Gateway:
             pairing_ttl=config.pairing_expiry,
             session_ttl=config.security.token.session_expiry,
             refresh_ttl=config.refresh_expiry,
+            cookie_idle_ttl=config.security.cookie.idle_ttl,
+            cookie_max_ttl=config.security.cookie.max_ttl,
         )
         self.policy = GatePolicy.from_config(config)
         self.registry: Registry[Connection] = Registry()
-        self.connections: dict[str, Connection] = {}
+        self.connections: dict[str, Live] = {}
         self.started_at = time.time()
         self.audit_log = open_audit_log(config)
-        self._watcher: asyncio.Task[None] | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        self.store_available = True
+        """False while the store cannot be reached (logged once per outage)."""
         self._tasks: set[asyncio.Future[None]] = set()
         self.metrics = Metrics()
-        limits = config.limits
-        self.handshake_limiter = SlidingWindowLimiter(limits.handshakes_per_ip, limits.handshake_window)
-        self.auth_lockout = FailureLockout(
-            limits.auth_failures_per_ip,
-            limits.auth_failure_window,
-            limits.auth_lockout,
-            limits.auth_lockout_max,
-        )
-        self.message_limiter = SlidingWindowLimiter(limits.messages_per_principal, limits.message_window)
-        self._per_ip: collections.Counter[str] = collections.Counter()
-        self._per_principal: collections.Counter[str] = collections.Counter()
+        self.limits: Limits = limits if limits is not None else LocalLimits(config.limits)
+        self._leased: set[str] = set()
+        """Lease ids taken by ``admit`` (one per connection id) and not yet released."""
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         """Run when the daemon stops, before connections close (services stop their work here)."""
         self.disconnect_hooks: list[Callable[[Connection], None]] = []
@@ -105,13 +145,16 @@ class Gateway:
         await self.store.open()
         await self.store.prune(now=time.time())
         await self.authority.reload_revocations()
-        self._watcher = asyncio.create_task(self._watch_revocations())
+        await self.limits.start()
+        self._watchers = [asyncio.create_task(self._watch_revocations())]
+        if isinstance(self.store, RedisStore):
+            self._watchers.append(asyncio.create_task(self._listen_revocations(self.store)))
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for watcher in self._watchers:
+            watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+                await watcher
         for hook in self.shutdown_hooks:
             try:
                 await hook()
@@ -119,21 +162,63 @@ class Gateway:
                 log.exception("shutdown hook failed")
         for conn in list(self.connections.values()):
             await conn.close(CLOSE_GOING_AWAY, "server shutting down")
+        await self.limits.stop()
         await self.store.close()
 
     async def _watch_revocations(self) -> None:
-        """Notice revocations made by other processes (the CLI, other instances)."""
+        """Notice revocations made by other processes (the CLI, other instances): poll the
+        store's revision. With Redis, pub/sub delivers them sooner and this is the
+        reconciliation that a lost message cannot defeat."""
         interval = self.config.store.poll_interval
+        last_full = last_prune = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             try:
-                if await self.store.revision() != self.authority.revoked.revision:
-                    await self.authority.reload_revocations()
-                    await self.enforce_revocations()
+                # A full reload now and then also catches what expires without a revision bump
+                # (an API key reaching its expiry while a connection uses it).
+                due = time.monotonic() - last_full >= FULL_RELOAD_INTERVAL or not self.store_available
+                if due or await self.store.revision() != self.authority.revoked.revision:
+                    last_full = time.monotonic()
+                    await self.refresh_revocations()
+                if time.monotonic() - last_prune >= PRUNE_INTERVAL:
+                    last_prune = time.monotonic()
+                    await self.store.prune(now=time.time())
+                self._store_is(available=True)
             except StoreUnavailable:
-                log.warning("store unavailable while checking revocations")
+                self._store_is(available=False)
             except Exception:
                 log.exception("revocation watcher failed")
+
+    async def _listen_revocations(self, store: RedisStore) -> None:
+        """Revocations from every instance, as they happen (Redis pub/sub)."""
+        while True:
+            try:
+                async with store.watch_revisions() as feed:
+                    await self.refresh_revocations()  # nothing is missed between polls and here
+                    while True:
+                        if await feed.next() != self.authority.revoked.revision:
+                            await self.refresh_revocations()
+            except StoreUnavailable:
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("revocation listener failed")
+                await asyncio.sleep(1.0)
+
+    async def refresh_revocations(self) -> None:
+        await self.authority.reload_revocations()
+        await self.enforce_revocations()
+
+    def _store_is(self, *, available: bool) -> None:
+        if available == self.store_available:
+            return
+        self.store_available = available
+        if available:
+            log.warning("store available again: new authentications are accepted")
+        else:
+            log.error(
+                "store unavailable: new authentications are refused (503 store_unavailable); "
+                "established connections continue until their session ends"
+            )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -147,11 +232,10 @@ class Gateway:
         request that caused the revocation must not wait for that.
         """
         for conn in list(self.connections.values()):
-            claims = conn.session_claims
-            if claims is not None and self.authority.session_revoked(claims):
+            if self.authority.principal_revoked(conn.principal):
                 self._spawn(conn.revoke())
 
-    async def revoke_device(self, device_id: str, *, by: str, exclude: Connection | None = None) -> bool:
+    async def revoke_device(self, device_id: str, *, by: str, exclude: Live | None = None) -> bool:
         changed = await self.authority.revoke_device(device_id)
         self.audit("device.revoked", device=device_id, by=by)
         for conn in list(self.connections.values()):
@@ -174,18 +258,31 @@ class Gateway:
     # --- the gate ----------------------------------------------------------------------------
 
     def facts(self, request: web.Request) -> HandshakeFacts:
+        headers = request.headers
+        # Every X-Forwarded-For line counts: a proxy may append its own line after the client's
+        # (HAProxy's option forwardfor), and reading only the first would believe the client.
+        forwarded = headers.getall("X-Forwarded-For", None)
+        protos = headers.getall("X-Forwarded-Proto", None)
         return HandshakeFacts(
             peer=request.remote,
-            host=request.headers.get("Host"),
-            origin=request.headers.get("Origin"),
-            forwarded_for=request.headers.get("X-Forwarded-For"),
-            headers=request.headers,
+            host=headers.get("Host"),
+            origin=headers.get("Origin"),
+            forwarded_for=", ".join(forwarded) if forwarded else None,
+            headers=headers,
             query=request.query,
             scheme=request.scheme,
+            forwarded_proto=protos[-1].rsplit(",", 1)[-1] if protos else None,
         )
 
-    def guard(self, request: web.Request) -> Precheck:
-        """The checks every request passes: address, host, origin, lockout and request rate."""
+    def client_address(self, request: web.Request) -> str | None:
+        """The client's address as the gate sees it (through trusted proxies), for logs."""
+        facts = self.facts(request)
+        address = client_address(facts.peer, facts.forwarded_for, self.policy.trusted_proxies).address
+        return str(address) if address is not None else request.remote
+
+    async def guard(self, request: web.Request, *, bucket: str = "handshakes") -> Precheck:
+        """The checks every request passes: address, host, origin, lockout and request rate
+        (``bucket``: see ``Limits.hit_address``)."""
         if log.isEnabledFor(logging.DEBUG):
             # Credentials in headers and query strings are removed by the logging redaction layer.
             log.debug("request %s %s headers=%s", request.method, request.path_qs, dict(request.headers))
@@ -197,26 +294,43 @@ class Gateway:
             )
         if check.failure is not None:
             raise check.failure
+        if not self.store_available:
+            # Fail closed: without the store, a revocation made elsewhere could go unseen.
+            raise StoreUnavailable(hint="the credential store cannot be reached; try again shortly")
         ip_key = str(check.client_ip)
-        locked = self.auth_lockout.locked_for(ip_key)
+        locked = await self.limits.locked_for(ip_key)
         if locked > 0:
             self.metrics.rate_limited.labels("auth_failures").inc()
             raise RateLimited(retry_after=locked, hint="too many failed authentications from this address")
-        decision = self.handshake_limiter.hit(ip_key)
+        decision = await self.limits.hit_address(ip_key, bucket)
         if not decision.allowed:
-            self.metrics.rate_limited.labels("handshakes").inc()
+            self.metrics.rate_limited.labels(bucket).inc()
             raise RateLimited(retry_after=decision.retry_after)
         return check
 
-    def auth_failed(self, check: Precheck | None, error: WardgateError) -> None:
+    async def auth_failed(self, check: Precheck | None, error: WardgateError) -> None:
         """Count a failed authentication against the client address (growing lockout)."""
         if isinstance(error, AuthError) and check is not None:
             self.metrics.auth_failures.labels(error.reason).inc()
-            self.auth_lockout.record_failure(str(check.client_ip))
+            with contextlib.suppress(StoreUnavailable):
+                await self.limits.record_failure(str(check.client_ip))
 
-    async def admit(self, request: web.Request) -> tuple[Precheck, Principal, Credential | None]:
-        """Run the whole gate on an upgrade request; raise the first refusal."""
-        check = self.guard(request)
+    async def admit(
+        self,
+        request: web.Request,
+        *,
+        lease: str,
+        slots: Callable[[Principal], Sequence[Slot]] = lambda _: (),
+        bucket: str = "handshakes",
+    ) -> tuple[Precheck, Principal, Credential | None]:
+        """Run the whole gate on an upgrade request; raise the first refusal.
+
+        On success the connection holds a lease named ``lease`` (its connection id) under
+        every cap it counts against: global, per address, per principal and ``slots`` (say, per
+        upstream and user). ``unregister`` gives it back; a handler that fails before
+        ``register`` must call ``release``.
+        """
+        check = await self.guard(request, bucket=bucket)
         credential = check.credential
         if credential is None:
             if self.config.require_auth:
@@ -226,42 +340,62 @@ class Gateway:
             try:
                 principal = await self.authority.authenticate(credential.token)
             except WardgateError as exc:
-                self.auth_failed(check, exc)
+                await self.auth_failed(check, exc)
                 raise
-        self.check_capacity(str(check.client_ip), principal.key)
+        limits = self.config.limits
+        caps = [
+            Slot("all", limits.max_connections, "the server's connection limit is reached"),
+            Slot(
+                f"ip:{check.client_ip}",
+                limits.max_connections_per_ip,
+                "too many connections from this address",
+            ),
+            Slot(
+                f"principal:{principal.key}",
+                limits.max_connections_per_principal,
+                "too many connections for this device or key",
+            ),
+            *slots(principal),
+        ]
+        full = await self.limits.acquire(lease, caps)
+        if full is not None:
+            raise TooManyConnections(hint=full.hint)
+        self._leased.add(lease)
         return check, principal, credential
 
-    def check_capacity(self, ip: str, principal_key: str) -> None:
-        limits = self.config.limits
-        if len(self.connections) >= limits.max_connections:
-            raise TooManyConnections(hint="the server's connection limit is reached")
-        if self._per_ip[ip] >= limits.max_connections_per_ip:
-            raise TooManyConnections(hint="too many connections from this address")
-        if self._per_principal[principal_key] >= limits.max_connections_per_principal:
-            raise TooManyConnections(hint="too many connections for this device")
+    async def release(self, lease: str) -> None:
+        """Give back a connection's lease (idempotent)."""
+        if lease in self._leased:
+            self._leased.discard(lease)
+            await self.limits.release(lease)
 
-    def register(self, conn: Connection) -> None:
+    def register(self, conn: Live) -> None:
         self.connections[conn.id] = conn
-        self._per_ip[conn.client_ip or "-"] += 1
-        self._per_principal[conn.counted_as] += 1
         self.metrics.connections_open.inc()
         self.metrics.accepted.inc()
+        # A revocation enforced between authentication and now did not see this connection.
+        if self.authority.principal_revoked(conn.principal):
+            self._spawn(conn.revoke())
 
-    def unregister(self, conn: Connection) -> None:
+    def unregister(self, conn: Live) -> None:
         if self.connections.pop(conn.id, None) is None:
             return
-        for counter, key in ((self._per_ip, conn.client_ip or "-"), (self._per_principal, conn.counted_as)):
-            counter[key] -= 1
-            if counter[key] <= 0:
-                del counter[key]
+        self._spawn(self.release(conn.id))
         self.metrics.connections_open.dec()
+        if not isinstance(conn, Connection):
+            return
         for hook in self.disconnect_hooks:
             try:
                 hook(conn)
             except Exception:
                 log.exception("disconnect hook failed")
 
-    def reject(self, request: web.Request, error: WardgateError, client_ip: str | None) -> web.Response:
+    def reject(
+        self, request: web.Request, error: WardgateError, client_ip: str | None = None
+    ) -> web.Response:
+        """Refuse with the HTTP status and JSON body. ``client_ip`` defaults to the address the
+        gate sees (worked out here, so that handlers need not on their accepting path)."""
+        client_ip = client_ip or self.client_address(request)
         log.info("refused %s %s: %s", request.method, request.path, error.reason, extra={"ip": client_ip})
         self.metrics.rejected(error.reason)
         self.audit("connection.rejected", reason=error.reason, ip=client_ip, path=request.path)
@@ -272,6 +406,37 @@ class Gateway:
             headers["Retry-After"] = str(max(1, round(error.retry_after)))
         return web.json_response(error.body(), status=error.http_status, headers=headers)
 
+    async def refuse(
+        self, request: web.Request, error: WardgateError, client_ip: str | None = None
+    ) -> web.StreamResponse:
+        """Refuse a request: HTTP status and JSON body, or with ``security.reject_style: close``
+        an accepted upgrade closed at once with 1008 and the reason (authentication and
+        permission refusals of WebSocket upgrades only)."""
+        client_ip = client_ip or self.client_address(request)
+        if (
+            self.config.security.reject_style is RejectStyle.CLOSE
+            and error.http_status in (401, 403)
+            and request.headers.get("Upgrade", "").lower() == "websocket"
+        ):
+            ws = web.WebSocketResponse(protocols=_selectable(request), timeout=2.0)
+            if ws.can_prepare(request).ok:
+                log.info("refused %s (closing): %s", request.path, error.reason, extra={"ip": client_ip})
+                self.metrics.rejected(error.reason)
+                self.audit("connection.rejected", reason=error.reason, ip=client_ip, path=request.path)
+                await ws.prepare(request)
+                await ws.close(code=CLOSE_POLICY_VIOLATION, message=error.reason.encode())
+                return ws
+        return self.reject(request, error, client_ip)
+
+
+def _selectable(request: web.Request) -> tuple[str, ...]:
+    """Subprotocols the refusal may select so a browser completes the handshake (it fails one
+    that selects none of those it offered): never a ``wardgate.bearer.`` credential."""
+    offered = offered_subprotocols(request.headers.get("Sec-WebSocket-Protocol"))
+    if SUBPROTOCOL in offered:
+        return (SUBPROTOCOL,)
+    return tuple(p for p in offered if not p.startswith(BEARER_SUBPROTOCOL_PREFIX))[:1]
+
 
 GATEWAY_KEY: Final = web.AppKey("gateway", Gateway)
 
@@ -280,11 +445,24 @@ async def websocket_endpoint(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY_KEY]
     conn_id = "c_" + secrets.token_hex(6)
     connection_id.set(conn_id)
-    client_ip: str | None = request.remote
     try:
-        check, principal, credential = await gateway.admit(request)
+        check, principal, credential = await gateway.admit(request, lease=conn_id)
     except WardgateError as exc:
-        return gateway.reject(request, exc, client_ip)
+        return await gateway.refuse(request, exc)
+    try:
+        return await _serve_rpc(request, gateway, conn_id, check, principal, credential)
+    finally:
+        await gateway.release(conn_id)
+
+
+async def _serve_rpc(
+    request: web.Request,
+    gateway: Gateway,
+    conn_id: str,
+    check: Precheck,
+    principal: Principal,
+    credential: Credential | None,
+) -> web.StreamResponse:
     client_ip = str(check.client_ip) if check.client_ip is not None else None
     limits = gateway.config.limits
     ws = web.WebSocketResponse(
@@ -337,17 +515,17 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     # Address and Host checks apply to loopback too: a DNS-rebinding page must not read metrics.
     check = precheck(gateway.facts(request), gateway.policy)
     if check.failure is not None:
-        return gateway.reject(request, check.failure, peer)
+        return gateway.reject(request, check.failure)
     if not (peer is not None and is_loopback_host(peer) and "X-Forwarded-For" not in request.headers):
         try:
-            check = gateway.guard(request)
+            check = await gateway.guard(request)
             if check.credential is None:
                 raise AuthenticationRequired
             principal = await gateway.authority.authenticate(check.credential.token)
             if Scope.AUDIT_READ not in principal.scopes:
                 raise PermissionDenied(hint="metrics need an admin credential")
         except WardgateError as exc:
-            return gateway.reject(request, exc, peer)
+            return gateway.reject(request, exc)
     return web.Response(body=gateway.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -358,6 +536,9 @@ def build_app(gateway: Gateway) -> web.Application:
     api.add_routes(app)
     app.router.add_get("/api/rpc/discover", discover)
     app.router.add_get("/metrics", metrics_endpoint)
+    from wardgate.proxy.routes import add_routes as add_proxy_routes
+
+    add_proxy_routes(app)
 
     async def on_startup(_: web.Application) -> None:
         await gateway.start()
@@ -374,7 +555,7 @@ async def discover(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY_KEY]
     check = precheck(gateway.facts(request), gateway.policy)
     if check.failure is not None:
-        return gateway.reject(request, check.failure, request.remote)
+        return gateway.reject(request, check.failure)
     return web.json_response(openrpc_document(gateway.registry, title="wardgate", version=__version__))
 
 
@@ -388,13 +569,45 @@ def open_audit_log(config: Config) -> AuditLog | None:
 
 
 def open_store(config: Config) -> Store:
-    if config.store.backend == "sqlite":
-        return SqliteStore(config.store_path)
-    raise StoreUnavailable(hint=f"store backend {config.store.backend!r} is not available")
+    """The configured store (not yet open). The CLI uses the same one as the daemon."""
+    if config.store.backend == "redis":
+        return RedisStore(config.store.url, prefix=config.store.prefix, password=redis_password(config))
+    return SqliteStore(config.store_path)
 
 
-def create_gateway(config: Config) -> Gateway:
+def redis_password(config: Config) -> str | None:
+    """``store.password`` resolved (``${ENV}`` or ``@file``), and registered with the log
+    redaction so that it can never be printed."""
+    if not config.store.password:
+        return None
+    from wardgate.logs import add_secrets
+    from wardgate.proxy.upstream import resolve_value
+
+    password, _ = resolve_value("store.password", config.store.password, os.environ)
+    add_secrets([password])
+    return password
+
+
+async def load_keys(config: Config, store: Store) -> KeyRing:
+    """The signing key ring: ``WARDGATE_SIGNING_KEYS``; else, on Redis, the ring all instances
+    share there (the first creates it); else the data directory's key file."""
+    ring = env_key_ring()
+    if ring is not None:
+        return ring
+    if isinstance(store, RedisStore):
+        await store.open()
+        shared = await store.shared_key_ring(ring_to_json(new_key_ring()).decode())
+        return ring_from_json(shared, "the key ring in Redis")
+    return load_key_ring(config.home)
+
+
+async def create_gateway(config: Config) -> Gateway:
     ensure_data_dir(config.home)
-    keys = load_key_ring(config.home)
-    workspace = Path(config.workspace.root).expanduser().resolve()
-    return Gateway(config, store=open_store(config), keys=keys, workspace=workspace)
+    store = open_store(config)
+    keys = await load_keys(config, store)
+    workspace = Path(config.workspace.root).expanduser().resolve()  # noqa: ASYNC240 - once, at start
+    limits: Limits | None = None
+    if isinstance(store, RedisStore):
+        instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        limits = RedisLimits(store, config.limits, instance=instance, lease_ttl=config.store.lease_ttl)
+    return Gateway(config, store=store, keys=keys, workspace=workspace, limits=limits)

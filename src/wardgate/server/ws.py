@@ -169,8 +169,9 @@ class Connection:
 
     def _schedule_expiry(self) -> None:
         claims = self.session_claims
-        if claims is not None:
-            self._set_timer("expiry", claims.exp, self.expire)
+        at = claims.exp if claims is not None else self.principal.expires_at
+        if at is not None:
+            self._set_timer("expiry", at, self.expire)
 
     # --- ending ------------------------------------------------------------------------------
 
@@ -295,7 +296,7 @@ class Connection:
                 if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     self.last_activity = time.monotonic()
                     metrics.messages_in.inc()
-                    if not self._within_rate():
+                    if not await self._within_rate():
                         if self._close_after_reply is not None:
                             await self.close(*self._close_after_reply)
                         continue
@@ -320,13 +321,13 @@ class Connection:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), CLOSE_HANDSHAKE_TIMEOUT)
 
-    def _within_rate(self) -> bool:
+    async def _within_rate(self) -> bool:
         """The per-principal message limit, summed over all of the principal's connections.
 
         Over the limit, the message is answered with a rate_limited error (requests only) and
         dropped; a client that keeps sending regardless is closed with 4429.
         """
-        decision = self.gateway.message_limiter.hit(self.principal.key)
+        decision = await self.gateway.limits.take_message(self.principal.key)
         if decision.allowed:
             self._refused_in_a_row = 0
             return True

@@ -1,0 +1,1 @@
+"""Relays to configured upstreams: WebSocket, SSE and HTTP (DESIGN.md, "Gateway proxy")."""
