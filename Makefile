@@ -18,12 +18,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/wardgate serve
 
-## lint, type-check and run the whole test suite
+# The tests that start daemons run once per store backend (the store's own tests are
+# parametrized over both, and the rest does not touch a store).
+DAEMON_TESTS := tests/e2e tests/test_findings.py tests/test_client.py
+
+## lint, type-check and run the whole test suite (daemon tests on SQLite, then on Redis)
 test: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 	$(BIN)/pytest
+	$(BIN)/pytest --store-backend=redis $(DAEMON_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
