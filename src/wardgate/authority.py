@@ -445,12 +445,6 @@ class Authority:
         session, session_claims = self.issue_session(claims.sub, device.role, claims.fam)
         return IssuedSession(claims.sub, session, session_claims.exp, new_token, new_claims.exp, device.role)
 
-    async def refresh_session(self, current: TokenClaims) -> tuple[str, TokenClaims]:
-        """Replace a live session token with a new one; the old one stops working."""
-        token, claims = self.issue_session(current.sub or "", current.role or "", current.fam)
-        await self.revoke_session(current)
-        return token, claims
-
     async def revoke_session(self, claims: TokenClaims) -> None:
         await self.store.revoke_token(claims.jti, expires_at=claims.exp)
         await self.reload_revocations()

@@ -166,6 +166,25 @@ async def test_pairing_token_on_upgrade_then_initialize_returns_a_session(shared
     assert (status_code, body["error"]) == (401, "invalid_token")
 
 
+async def test_refreshing_in_band_never_closes_the_connection_it_refreshes(shared_daemon: Daemon) -> None:
+    # Each refresh revokes the previous session token, which wakes every instance's revocation
+    # scan (pub/sub on Redis). The connection must already hold the new session by then.
+    d = shared_daemon
+    pairing = d.pairing_token()
+    rpc = await Rpc.open(d, pairing)
+    try:
+        token = (await rpc.initialize(token=pairing))["result"]["session"]["token"]
+        remember(token)
+        for _ in range(20):
+            token = (await rpc.call("auth/refresh", {"sessionToken": token}))["result"]["sessionToken"]
+            remember(token)
+        await asyncio.sleep(0.3)  # past a revocation scan woken by the last refresh
+        assert (await rpc.call("status/get"))["result"]["server"]["name"] == "wardgate"
+        assert not rpc.ws.closed
+    finally:
+        await rpc.close()
+
+
 async def test_initialize_with_a_different_token_than_the_upgrade_is_refused(shared_daemon: Daemon) -> None:
     rpc = await Rpc.open(shared_daemon, shared_daemon.pairing_token())
     try:

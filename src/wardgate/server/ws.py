@@ -468,10 +468,13 @@ class Connection:
         current = self.session_claims
         if current is None:
             raise InvalidToken(hint="this connection has no session to refresh")
-        presented = self.gateway.authority.verify_session(params.sessionToken)
+        authority = self.gateway.authority
+        presented = authority.verify_session(params.sessionToken)
         if presented.jti != current.jti:
             raise InvalidToken(hint="sessionToken is not this connection's current session")
-        token, claims = await self.gateway.authority.refresh_session(current)
+        token, claims = authority.issue_session(current.sub or "", current.role or "", current.fam)
+        # The connection moves to the new session before the old one is revoked: a revocation
+        # scan running meanwhile (pub/sub, reconciliation) must not find it on the old one.
         self.principal = Principal(
             kind="session",
             role=self.principal.role,
@@ -480,6 +483,7 @@ class Connection:
             claims=claims,
         )
         self._schedule_expiry()
+        await authority.revoke_session(current)
         self.gateway.audit("session.refreshed", device=self.device_id, ip=self.client_ip)
         return {"sessionToken": token, "expiresAt": iso8601(claims.exp)}
 
