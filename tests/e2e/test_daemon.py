@@ -326,13 +326,13 @@ async def test_cli_device_revocation_closes_live_socket_within_a_second(shared_d
     rpc = await Rpc.open(shared_daemon, creds["sessionToken"])
     try:
         await rpc.initialize()
-        started = time.monotonic()
         shared_daemon.cli("devices", "revoke", creds["deviceId"])
+        started = time.monotonic()  # the CLI's own start-up does not count
         code, reason = await rpc.closed(timeout=5)
-        # The CLI process itself takes a moment; the daemon notices within its poll interval.
+        # The daemon notices within its poll interval (or at once through Redis pub/sub).
         assert code == 4401
         assert reason == "session revoked"
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 1.0
         assert rpc.notifications[-1] == {
             "jsonrpc": "2.0",
             "method": "auth/revoked",
@@ -364,12 +364,12 @@ async def test_cli_token_revoke_all_closes_every_socket(wardgate: DaemonFactory)
 
 
 async def test_session_expiry_closes_with_auth_expired(wardgate: DaemonFactory) -> None:
-    d = wardgate("security:\n  token:\n    session_expiry: 2\n")
+    d = wardgate("security:\n  token:\n    session_expiry: 4\n")
     creds = await exchange(d, d.pairing_token())
     rpc = await Rpc.open(d, creds["sessionToken"])
     try:
         await rpc.initialize()
-        code, reason = await rpc.closed(timeout=6)
+        code, reason = await rpc.closed(timeout=8)
         assert (code, reason) == (4401, "session expired")
         assert rpc.notifications[-1]["method"] == "auth/expired"
     finally:
@@ -388,6 +388,20 @@ async def test_ws_auth_revoke_logs_out(shared_daemon: Daemon) -> None:
         await rpc.close()
     status, body = await post(shared_daemon, "/api/auth/refresh", {"refreshToken": creds["refreshToken"]})
     assert (status, body["error"]) == (401, "token_revoked")
+
+
+async def test_ws_auth_revoke_answers_before_the_revocation_scan_can_close_it(shared_daemon: Daemon) -> None:
+    # The device's revocation wakes every instance's revocation scan (pub/sub on Redis), which
+    # must leave the connection that asked alone: it gets its answer, then closes with 1000.
+    for _ in range(10):
+        creds = await exchange(shared_daemon, shared_daemon.pairing_token())
+        rpc = await Rpc.open(shared_daemon, creds["sessionToken"])
+        try:
+            await rpc.initialize()
+            assert (await rpc.call("auth/revoke"))["result"] == {"revoked": True}
+            assert (await rpc.closed())[0] == 1000
+        finally:
+            await rpc.close()
 
 
 async def test_restart_keeps_devices_and_keys(wardgate: DaemonFactory) -> None:

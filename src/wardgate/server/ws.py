@@ -134,6 +134,8 @@ class Connection:
         self._overflowed = False
         self._close_after_reply: tuple[int, str] | None = None
         """Set by a method whose answer ends the connection: sent first, then closed."""
+        self._logging_out = False
+        """``auth/revoke`` revoked this connection's own device: the answer, then close 1000."""
 
     # --- identity ----------------------------------------------------------------------------
 
@@ -206,6 +208,8 @@ class Connection:
         await self._end_session("auth/expired", REASON_EXPIRED)
 
     async def revoke(self) -> None:
+        if self._logging_out:
+            return  # its own auth/revoke: a revocation scan must not pre-empt the answer
         self.gateway.audit("session.closed_revoked", device=self.device_id, ip=self.client_ip)
         await self._end_session("auth/revoked", REASON_REVOKED)
 
@@ -489,9 +493,16 @@ class Connection:
 
     async def _auth_revoke(self) -> dict[str, Any]:
         device = self.device_id
-        if device is not None:
-            await self.gateway.revoke_device(device, by="self", exclude=self)
+        # Decided before the revocation is published, which wakes the revocation scans.
+        self._logging_out = True
         self._close_after_reply = (CLOSE_NORMAL, REASON_LOGGED_OUT)
+        if device is not None:
+            try:
+                await self.gateway.revoke_device(device, by="self", exclude=self)
+            except BaseException:
+                self._logging_out = False  # not logged out: the error is the answer
+                self._close_after_reply = None
+                raise
         return {"revoked": device is not None}
 
 
