@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from wardgate.authority import TOUCH_INTERVAL, Authority, Principal
 from wardgate.errors import InvalidRequest, InvalidToken, TokenExpired, TokenRevoked
 from wardgate.keys import KeyRing, generate_key, key_id
 from wardgate.roles import Scope
+from wardgate.store.base import Revocations
 from wardgate.store.sqlite import SqliteStore
 
 IDLE, MAX = 3600, 4 * 3600
@@ -230,3 +232,45 @@ async def test_cookie_and_key_principals_carry_their_end(authority: Authority, c
     )
     forever, _ = await authority.create_api_key("svc2", "operator")
     assert (await authority.authenticate(forever)).expires_at is None
+
+
+class LateReader(SqliteStore):
+    """A real store whose next revocations read answers only once ``release`` is set."""
+
+    release: asyncio.Event | None = None
+
+    async def revocations(self, now: float) -> Revocations:
+        fresh = await super().revocations(now)
+        release, self.release = self.release, None
+        if release is not None:
+            await release.wait()
+        return fresh
+
+
+async def test_a_reload_answered_after_a_later_one_does_not_look_like_the_store_going_back(
+    tmp_path: Path, clock: Clock
+) -> None:
+    store = LateReader(tmp_path / "wardgate.db")
+    await store.open()
+    key = generate_key()
+    ring = KeyRing(server_id="srv", active_kid=key_id(key), keys={key_id(key): key})
+    authority = Authority(
+        keys=ring, store=store, pairing_ttl=600, session_ttl=300, refresh_ttl=86400, clock=clock
+    )
+    try:
+        await authority.reload_revocations()
+        pairing, _ = await authority.issue_pairing()
+        _, session = authority.issue_session("dev_a", "operator", None)
+        store.release = release = asyncio.Event()
+        stale = asyncio.create_task(authority.reload_revocations())  # reads now, answers late
+        await asyncio.sleep(0.05)
+        revoking = asyncio.create_task(authority.revoke_session(session))  # a newer revision
+        await asyncio.wait({revoking}, timeout=0.5)
+        release.set()
+        await asyncio.gather(stale, revoking)
+        # Taking the late answer for a store that went back in time would have invalidated
+        # every pairing code issued so far.
+        assert (await authority.verify_pairing(pairing)).jti
+        assert authority.session_revoked(session)
+    finally:
+        await store.close()

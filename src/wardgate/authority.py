@@ -8,6 +8,7 @@ session tokens are checked against. It is the only place that mints tokens.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -121,6 +122,9 @@ class Authority:
         self.revoked = Revocations(revision=-1)
         self._touched: dict[str, float] = {}
         self._max_generation = -1
+        self._reloading = asyncio.Lock()
+        """One reload at a time: a read answered after a later one must not look like the store
+        going back in time."""
         """The highest pairing generation this process has seen (see ``reload_revocations``)."""
         """When each API key's use was last recorded (bounded by the number of keys)."""
 
@@ -360,6 +364,10 @@ class Authority:
     # --- state changes -----------------------------------------------------------------------
 
     async def reload_revocations(self) -> Revocations:
+        async with self._reloading:
+            return await self._reload_revocations()
+
+    async def _reload_revocations(self) -> Revocations:
         fresh = await self.store.revocations(self.clock())
         old = self.revoked
         if fresh.revision < old.revision:
