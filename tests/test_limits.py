@@ -192,3 +192,36 @@ async def test_a_release_lost_to_an_outage_is_given_back_at_the_next_renewal(
     finally:
         await limits.stop()
         await store.close()
+
+
+class RetakeInterleaved(RedisStore):
+    """A real store that runs ``during_retake`` just before the next ``acquire_lease``."""
+
+    during_retake: Callable[[], Awaitable[None]] | None = None
+
+    async def acquire_lease(
+        self, scope_keys: list[tuple[str, int]], lease_id: str, instance: str, ttl: float
+    ) -> str | None:
+        hook, self.during_retake = self.during_retake, None
+        if hook is not None:
+            await hook()
+        return await super().acquire_lease(scope_keys, lease_id, instance, ttl)
+
+
+async def test_a_lost_lease_whose_connection_ends_while_it_is_retaken_is_given_back(
+    redis_url: str, redis_prefix: str
+) -> None:
+    store = RetakeInterleaved(redis_url, prefix=redis_prefix)
+    await store.open()
+    limits = RedisLimits(store, SETTINGS, instance="i", lease_ttl=0.3)  # renewed by hand here
+    cap = [Slot("principal:p", 1, "per principal")]
+    try:
+        assert await limits.acquire("a", cap) is None
+        await asyncio.sleep(0.5)  # expired in Redis: the next renewal finds it lost and retakes it
+        store.during_retake = lambda: limits.release("a")  # the connection ends meanwhile
+        await limits.renew_once()
+        await limits.renew_once()
+        assert await limits.count("principal:p") == 0
+        assert await limits.acquire("b", cap) is None
+    finally:
+        await store.close()

@@ -235,23 +235,32 @@ class RedisLimits(Limits):
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
-            try:
-                for lease_id, keys in list(self._orphans.items()):
-                    await self.store.release_lease(keys, lease_id, instance=self.instance)
-                    del self._orphans[lease_id]
-                lost = await self.store.renew_leases(self.instance, self.lease_ttl)
-            except StoreUnavailable:
-                log.warning("store unavailable: connection leases not renewed")
+            await self.renew_once()
+
+    async def renew_once(self) -> None:
+        """Give back orphaned leases, then extend this instance's leases (``start`` runs this
+        every ``lease_ttl / 3``)."""
+        try:
+            for lease_id, keys in list(self._orphans.items()):
+                await self.store.release_lease(keys, lease_id, instance=self.instance)
+                del self._orphans[lease_id]
+            lost = await self.store.renew_leases(self.instance, self.lease_ttl)
+        except StoreUnavailable:
+            log.warning("store unavailable: connection leases not renewed")
+            return
+        # A lease that expired meanwhile (Redis was away longer than the TTL) is taken again,
+        # over the limit if need be: the connection exists, so it must be counted.
+        for lease_id in lost:
+            held = self._leases.get(lease_id)
+            if not held:
                 continue
-            # A lease that expired meanwhile (Redis was away longer than the TTL) is taken again,
-            # over the limit if need be: the connection exists, so it must be counted.
-            for lease_id in lost:
-                held = self._leases.get(lease_id)
-                if held:
-                    with contextlib.suppress(StoreUnavailable):
-                        await self.store.acquire_lease(
-                            [(key, 2**31) for key in held], lease_id, self.instance, self.lease_ttl
-                        )
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.acquire_lease(
+                    [(key, 2**31) for key in held], lease_id, self.instance, self.lease_ttl
+                )
+            if lease_id not in self._leases:
+                # Its connection ended while the lease was being taken again: give it back.
+                self._orphans[lease_id] = held
 
     async def hit_address(self, ip: str, bucket: str = "handshakes") -> RateDecision:
         s = self.settings
