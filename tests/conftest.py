@@ -280,13 +280,14 @@ class DaemonFactory:
                 delete_prefix(self.redis_url, prefix)
 
 
-def _backend_redis(request: pytest.FixtureRequest) -> str | None:
+def store_url_for(request: pytest.FixtureRequest) -> str | None:
+    """The Redis URL daemons use when this run is on the Redis backend (`--store-backend`)."""
     return str(request.getfixturevalue("redis_url")) if STORE_BACKEND == "redis" else None
 
 
 @pytest.fixture
 def wardgate(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFactory]:
-    factory = DaemonFactory(tmp_path, _backend_redis(request))
+    factory = DaemonFactory(tmp_path, store_url_for(request))
     yield factory
     factory.stop_all()
     # Collect now, so a socket a test left open is reported against that test, not a later one.
@@ -298,6 +299,6 @@ def shared_daemon(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Daemon]:
     """One daemon with default settings for tests that do not change configuration."""
-    factory = DaemonFactory(tmp_path_factory.mktemp("shared"), _backend_redis(request))
+    factory = DaemonFactory(tmp_path_factory.mktemp("shared"), store_url_for(request))
     yield factory()
     factory.stop_all()

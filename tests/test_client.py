@@ -27,11 +27,11 @@ async def test_pairs_from_the_qr_payload_and_calls(wardgate: DaemonFactory) -> N
 
 
 async def test_refreshes_the_session_before_it_expires(wardgate: DaemonFactory) -> None:
-    d = wardgate("security:\n  token:\n    session_expiry: 3\n")
+    d = wardgate("security:\n  token:\n    session_expiry: 4\n")
     async with WardgateClient.from_pairing(d.pair_payload(), reconnect=False) as client:
         assert client.credentials is not None
         first = client.credentials.session_token
-        await asyncio.sleep(5)  # past the first token's expiry
+        await asyncio.sleep(5)  # past the first token's expiry (at most 4 s after it was issued)
         assert client.credentials.session_token != first
         remember(client.credentials.session_token)
         assert (await client.call("status/get"))["server"]["name"] == "wardgate"
@@ -76,7 +76,10 @@ async def test_revoked_device_ends_the_client(wardgate: DaemonFactory) -> None:
         d.cli("devices", "revoke", client.credentials.device_id)
         note = await client.next_notification("auth/revoked", timeout=5)
         assert note[1] == {"reason": "session_revoked"}
-        await asyncio.sleep(1.0)
+        deadline = asyncio.get_running_loop().time() + 5
+        while client.ended is None:  # the close frame follows the notification
+            assert asyncio.get_running_loop().time() < deadline, "the client never ended"
+            await asyncio.sleep(0.05)
         assert isinstance(client.ended, SessionEnded)
         with pytest.raises(SessionEnded):
             await client.call("status/get")

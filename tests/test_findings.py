@@ -92,7 +92,7 @@ def test_003_finding_3_origin_is_checked_for_cookie_authentication(tmp_path: Pat
 
 async def test_003_finding_4_rate_limit_is_per_principal_not_per_connection(wardgate: DaemonFactory) -> None:
     """The limiter was keyed per client group, so more groups meant more quota. Here it is the device."""
-    d = wardgate("limits:\n  messages_per_principal: 10\n  message_window: 60\n")
+    d = wardgate("limits:\n  messages_per_principal: 10\n  message_window: 86400\n")
     creds = await exchange(d, d.pairing_token())
     connections = [await Rpc.open(d, creds["sessionToken"]) for _ in range(4)]
     try:

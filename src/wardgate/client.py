@@ -264,7 +264,8 @@ class WardgateClient:
     async def _refresh_loop(self) -> None:
         while self.credentials is not None:
             lifetime = max(1.0, self.credentials.session_expires_at - time.time())
-            await asyncio.sleep(lifetime * REFRESH_AT)
+            # At 80% of what is left, but at least a second before the end when that is possible.
+            await asyncio.sleep(min(lifetime * REFRESH_AT, max(lifetime - 1.0, lifetime / 2)))
             try:
                 result = await self.call("auth/refresh", {"sessionToken": self.credentials.session_token})
             except (RpcError, ConnectionError) as exc:

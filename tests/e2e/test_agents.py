@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, DaemonFactory
+from tests.conftest import Daemon, DaemonFactory, store_url_for
 from tests.e2e.helpers import Rpc, exchange
 
 FAKE_AGENT = Path(__file__).resolve().parent.parent / "fixtures" / "fake_agent.py"
@@ -50,9 +50,9 @@ def agent_config(*, workspace: dict[str, Any] | None = None, extra: str = "") ->
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Daemon]:
     """One daemon for the tests that keep the default limits (one running agent)."""
-    factory = DaemonFactory(tmp_path_factory.mktemp("agents"))
+    factory = DaemonFactory(tmp_path_factory.mktemp("agents"), store_url_for(request))
     yield factory(agent_config(), env={"AGENT_ALLOWED": "visible", "AGENT_SECRET": "hidden"})
     factory.stop_all()
 

@@ -83,10 +83,10 @@ async def test_revocation_through_one_instance_closes_sockets_on_the_others(
     try:
         for rpc in (*sockets, bystander):
             await rpc.initialize()
-        started = time.monotonic()
         status, body = await post(
             nodes[0], "/api/auth/revoke", {}, {"Authorization": f"Bearer {creds['sessionToken']}"}
         )
+        started = time.monotonic()  # the revocation is in the store once the answer is out
         assert (status, body) == (200, {"revoked": True})
         closed = await asyncio.gather(*(rpc.closed(timeout=3) for rpc in sockets))
         elapsed = time.monotonic() - started
@@ -125,7 +125,7 @@ async def test_the_message_rate_holds_for_the_sum_of_instances(
     wardgate: DaemonFactory, redis_url: str
 ) -> None:
     nodes = cluster(
-        wardgate, redis_url, config="limits:\n  messages_per_principal: 30\n  message_window: 600\n"
+        wardgate, redis_url, config="limits:\n  messages_per_principal: 30\n  message_window: 86400\n"
     )
     creds = await session(nodes[0])
     sockets = [await Rpc.open(node, creds["sessionToken"]) for node in nodes]
@@ -153,7 +153,7 @@ async def test_a_connection_cap_holds_across_instances_and_recovers_when_one_die
     nodes = cluster(
         wardgate,
         redis_url,
-        config="limits:\n  max_connections_per_principal: 3\nstore:\n  lease_ttl: 1.5\n",
+        config="limits:\n  max_connections_per_principal: 3\nstore:\n  lease_ttl: 3\n",
     )
     creds = await session(nodes[0])
     bearer = {"Authorization": f"Bearer {creds['sessionToken']}"}
@@ -167,12 +167,17 @@ async def test_a_connection_cap_holds_across_instances_and_recovers_when_one_die
         assert proc is not None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        deadline = time.monotonic() + 6
-        while (await handshake(nodes[0], bearer))[0] != 101:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                extra = await Rpc.open(nodes[1], creds["sessionToken"])
+                break
+            except aiohttp.WSServerHandshakeError as exc:
+                refused_with = exc.status
+            assert refused_with == 503, refused_with
             assert time.monotonic() < deadline, "the dead instance's slot never freed"
             await asyncio.sleep(0.25)
-        # The two live ones still count: one more fits, not two.
-        extra = await Rpc.open(nodes[1], creds["sessionToken"])
+        # The two live ones still count: one more fitted, not two.
         try:
             status, body = await refusal(nodes[0], bearer)
             assert (status, body["error"]) == (503, "too_many_connections")

@@ -171,11 +171,11 @@ async def test_revoking_a_key_closes_its_live_sockets_within_a_second(shared_dae
     try:
         await rpc.initialize()
         await bystander.initialize()
-        started = time.monotonic()
         shared_daemon.cli("keys", "revoke", created["id"])
+        started = time.monotonic()  # the CLI's own start-up does not count
         code, _ = await rpc.closed(timeout=5)
         assert code == 4401
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 1.0
         assert rpc.notifications[-1]["method"] == "auth/revoked"
         assert (await bystander.call("status/get"))["result"]
     finally:

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Daemon, DaemonFactory
+from tests.conftest import Daemon, DaemonFactory, store_url_for
 from tests.e2e.helpers import Rpc, exchange
 
 MARKER = "SECRET-e2e-marker"
@@ -57,8 +57,8 @@ def populate(ws: Path, home: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    factory = DaemonFactory(tmp_path_factory.mktemp("files-git"))
+def daemon(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    factory = DaemonFactory(tmp_path_factory.mktemp("files-git"), store_url_for(request))
     d = factory(start=False)
     populate(d.workspace, d.home)
     yield d.start()

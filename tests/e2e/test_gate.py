@@ -144,7 +144,7 @@ async def test_failed_authentications_lock_out_the_address_not_others(wardgate: 
 
 
 async def test_messages_are_limited_per_principal_across_connections(wardgate: DaemonFactory) -> None:
-    d = wardgate("limits:\n  messages_per_principal: 20\n  message_window: 60\n")
+    d = wardgate("limits:\n  messages_per_principal: 20\n  message_window: 86400\n")
     creds = await exchange(d, d.pairing_token())
     a = await Rpc.open(d, creds["sessionToken"])
     b = await Rpc.open(d, creds["sessionToken"])

@@ -29,7 +29,7 @@ import pytest
 import yarl
 from aiohttp import WSMsgType, web
 
-from tests.conftest import Daemon, DaemonFactory, remember
+from tests.conftest import Daemon, DaemonFactory, remember, store_url_for
 from tests.e2e.helpers import exchange
 
 SECRET = "upstream-secret-" + secrets.token_hex(16)
@@ -238,8 +238,8 @@ def _start(factory: DaemonFactory, extra: str = "") -> tuple[Daemon, int]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    factory = DaemonFactory(tmp_path_factory.mktemp("proxy"))
+def setup(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Setup]:
+    factory = DaemonFactory(tmp_path_factory.mktemp("proxy"), store_url_for(request))
     daemon, port = _start(factory)
     operator = asyncio.run(exchange(daemon, daemon.pairing_token()))["sessionToken"]
     viewer = asyncio.run(exchange(daemon, daemon.pairing_token("viewer")))["sessionToken"]
@@ -988,7 +988,7 @@ async def test_message_rate_close_style_tls_and_shutdown(wardgate: DaemonFactory
     """A daemon serving TLS (the splice takes over TLS sockets too), refusing in-band."""
     daemon, port = _start(
         wardgate,
-        "  messages_per_principal: 5\n  message_window: 60\n"
+        "  messages_per_principal: 5\n  message_window: 86400\n"
         "security:\n  reject_style: close\n  tls:\n    auto_cert: true\n",
     )
     base = f"https://127.0.0.1:{daemon.port}"
@@ -1050,7 +1050,7 @@ class Lively:
 @pytest.fixture(scope="module")
 def lively(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Lively]:
     factory = DaemonFactory(tmp_path_factory.mktemp("lively"), redis_url)
-    daemon, port = _start(factory, "  heartbeat: 0.3\n  messages_per_principal: 5\n  message_window: 60\n")
+    daemon, port = _start(factory, "  heartbeat: 0.3\n  messages_per_principal: 5\n  message_window: 86400\n")
     session = asyncio.run(exchange(daemon, daemon.pairing_token()))["sessionToken"]
     yield Lively(daemon, port, {"Authorization": f"Bearer {session}"})
     factory.stop_all()
