@@ -22,8 +22,13 @@ run: $(STAMP)
 # parametrized over both, and the rest does not touch a store).
 DAEMON_TESTS := tests/e2e tests/test_findings.py tests/test_client.py
 
+# Tests start private redis-server processes (fault injection) besides using the machine's Redis.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
+
 ## lint, type-check and run the whole test suite (daemon tests on SQLite, then on Redis)
 test: $(STAMP)
+	@command -v redis-server >/dev/null 2>&1 || \
+	  $(SUDO) sh -c 'apt-get update -qq && apt-get install -y -qq redis-server >/dev/null'
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
