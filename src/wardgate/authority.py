@@ -77,6 +77,16 @@ class Principal:
 ANONYMOUS: Final = Principal(kind="anonymous", role=Role.OPERATOR, scopes=scopes_for(Role.OPERATOR))
 
 
+def require_redeemed(principal: Principal) -> None:
+    """Refuse a pairing code where it is not traded for a session (relays, metrics): it is
+    single use, and accepted there it would be a reusable bearer token for its whole life."""
+    if principal.kind == "pairing":
+        raise InvalidToken(
+            hint="a pairing code is traded for a session first (initialize, /api/auth/exchange or "
+            "/api/auth/login); present the session token, an API key or the browser session"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class IssuedSession:
     """What a successful pairing or refresh hands the client."""

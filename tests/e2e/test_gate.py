@@ -352,6 +352,9 @@ async def test_metrics_need_loopback_or_admin(wardgate: DaemonFactory) -> None:
     operator = await exchange(d, d.pairing_token("operator"))
     status, body = await refusal(d, xff("203.0.113.9", operator["sessionToken"]), path="/metrics")
     assert (status, body["error"]) == (403, "permission_denied")
+    # An admin pairing code is no credential until traded for a session (it is single use).
+    status, body = await refusal(d, xff("203.0.113.9", d.pairing_token("admin")), path="/metrics")
+    assert (status, body["error"]) == (401, "invalid_token")
     admin = await exchange(d, d.pairing_token("admin"))
     async with (
         aiohttp.ClientSession() as http,

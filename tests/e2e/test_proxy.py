@@ -690,6 +690,27 @@ async def test_no_credential_is_401_and_a_viewer_is_403(
     assert upstream.seen == []
 
 
+async def test_a_pairing_code_is_no_relay_credential(
+    setup: Setup, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    # A pairing code is single use and only ever traded for a session: presented to a relay it
+    # would be a reusable hour-long bearer token.
+    pairing = setup.daemon.pairing_token()
+    for _ in range(2):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await http.ws_connect(setup.url("/proxy/echo/ws/ws/plain"), headers=setup.bearer(pairing))
+        assert info.value.status == 401
+        for kind, path in (("sse", "sse/events"), ("http", "http/reflect")):
+            async with http.get(setup.url(f"/proxy/echo/{kind}/{path}"), headers=setup.bearer(pairing)) as r:
+                assert r.status == 401
+                body = await r.json()
+                assert body["error"] == "invalid_token"
+                assert "session" in body["hint"]
+    assert upstream.seen == []
+    # It was not consumed: the device can still pair with it.
+    assert (await exchange(setup.daemon, pairing))["sessionToken"].startswith("wgs_")
+
+
 # --- caps and revocation -------------------------------------------------------------------------------
 
 

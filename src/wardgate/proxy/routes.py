@@ -22,7 +22,7 @@ from typing import Final
 
 from aiohttp import web
 
-from wardgate.authority import Principal
+from wardgate.authority import Principal, require_redeemed
 from wardgate.errors import MethodNotAllowed, PathRefused, PermissionDenied, UpstreamNotFound, WardgateError
 from wardgate.gate.credentials import check_csrf
 from wardgate.limits import Slot
@@ -87,6 +87,7 @@ def _endpoint(kind: str, relay: Relay) -> Callable[[web.Request], Awaitable[web.
                 bucket="requests" if kind == "http" else "handshakes",
             )
             client_ip = str(check.client_ip) if check.client_ip is not None else None
+            require_redeemed(principal)
             if Scope.PROXY_USE not in principal.scopes:
                 raise PermissionDenied(hint="this credential may not use the relays (scope proxy:use)")
             if upstream is None:

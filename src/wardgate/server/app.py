@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from aiohttp import web
 
 from wardgate import __version__
-from wardgate.authority import ANONYMOUS, Authority, Principal
+from wardgate.authority import ANONYMOUS, Authority, Principal, require_redeemed
 from wardgate.config import Config, RejectStyle, is_loopback_host
 from wardgate.errors import (
     CLOSE_GOING_AWAY,
@@ -522,6 +522,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
             if check.credential is None:
                 raise AuthenticationRequired
             principal = await gateway.authority.authenticate(check.credential.token)
+            require_redeemed(principal)
             if Scope.AUDIT_READ not in principal.scopes:
                 raise PermissionDenied(hint="metrics need an admin credential")
         except WardgateError as exc:
