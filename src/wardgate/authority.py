@@ -62,6 +62,13 @@ class Principal:
     cookie session's maximum lifetime); session tokens carry theirs in ``claims``."""
 
     @property
+    def ends_at(self) -> float | None:
+        """When a connection made with this credential must end (None: when it is revoked)."""
+        if self.kind == "session" and self.claims is not None:
+            return float(self.claims.exp)
+        return self.expires_at
+
+    @property
     def key(self) -> str:
         """What rate limits and connection caps are keyed on: the device or API key, else the
         pairing nonce. A browser session counts as the device or key it logged in as."""

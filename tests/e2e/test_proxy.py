@@ -754,6 +754,31 @@ async def test_revoking_the_device_closes_its_live_relays_with_4401(
     events.close()
 
 
+@RELAYS
+async def test_relays_end_with_the_session_token_they_were_opened_with(
+    wardgate: DaemonFactory, relay: str
+) -> None:
+    daemon, port = _start(wardgate, "security:\n  token:\n    session_expiry: 4\n")
+    session = (await exchange(daemon, daemon.pairing_token()))["sessionToken"]
+    bearer = {"Authorization": f"Bearer {session}"}
+    async with upstream_on(port) as state, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(daemon.http + f"/proxy/{relay}/ws/ws/plain", headers=bearer)
+        events = await http.get(daemon.http + "/proxy/echo/sse/sse/hold", headers=bearer)
+        assert (await events.content.readuntil(b"\n\n")).startswith(b"data: first ")
+        await ws.send_str("still valid")
+        assert await ws.receive_str(timeout=5) == "still valid"
+        # The token lives at most 4 s: the relays end then, as a JSON-RPC socket would.
+        assert await next_close(ws, timeout=8) == (4401, "session expired")
+        assert await asyncio.wait_for(events.content.read(), 5) == b""
+        assert (await asyncio.wait_for(state.closes.get(), 5))[0] == 1001
+        await ws.close()
+        events.close()
+    expired = [
+        line for line in (daemon.home / "audit.log").read_text().splitlines() if "session.expired" in line
+    ]
+    assert len(expired) == 2
+
+
 # --- SSE relay -------------------------------------------------------------------------------------------
 
 

@@ -79,6 +79,10 @@ class SseRelay:
         self.state.gateway.audit("session.closed_revoked", device=self.device_id, ip=self.client_ip)
         await self.close(CLOSE_SESSION_EXPIRED, "token revoked")
 
+    async def expire(self) -> None:
+        self.state.gateway.audit("session.expired", device=self.device_id, ip=self.client_ip)
+        await self.close(CLOSE_SESSION_EXPIRED, "session expired")
+
     async def close(self, code: int, reason: str) -> None:
         """End the stream (an event stream has no close code; ``code`` goes to the audit)."""
         del reason

@@ -109,6 +109,7 @@ MAX_CLOSE_FRAME: Final = 14 + 125
 """A close frame longer than this (its payload may not exceed 125 bytes) ends the relay."""
 CLOSE_PROTOCOL_ERROR: Final = 1002
 REASON_REVOKED: Final = "token revoked"
+REASON_EXPIRED: Final = "session expired"
 REASON_RATE_LIMITED: Final = "rate limited"
 REASON_UPSTREAM_LOST: Final = "upstream connection lost"
 REASON_UPSTREAM_TOO_BIG: Final = "upstream message too big"
@@ -614,6 +615,10 @@ class WebSocketRelay:
     async def revoke(self) -> None:
         self.state.gateway.audit("session.closed_revoked", device=self.device_id, ip=self.client_ip)
         await self.close(CLOSE_SESSION_EXPIRED, REASON_REVOKED)
+
+    async def expire(self) -> None:
+        self.state.gateway.audit("session.expired", device=self.device_id, ip=self.client_ip)
+        await self.close(CLOSE_SESSION_EXPIRED, REASON_EXPIRED)
 
     async def close(self, code: int, reason: str) -> None:
         """Close the client with ``code`` and the upstream with 1001; wait (bounded) for the end."""

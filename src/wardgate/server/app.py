@@ -88,6 +88,9 @@ class Live(Protocol):
     async def revoke(self) -> None:
         """Tell the client its credential was revoked (where the protocol can) and close 4401."""
 
+    async def expire(self) -> None:
+        """The credential reached its end (``Principal.ends_at``): close 4401."""
+
     async def close(self, code: int, reason: str) -> None: ...
 
 
@@ -119,6 +122,8 @@ class Gateway:
         self.policy = GatePolicy.from_config(config)
         self.registry: Registry[Connection] = Registry()
         self.connections: dict[str, Live] = {}
+        self._expiries: dict[str, asyncio.TimerHandle] = {}
+        """Relays' ends (their credential's expiry), by connection id."""
         self.started_at = time.time()
         self.audit_log = open_audit_log(config)
         self._watchers: list[asyncio.Task[None]] = []
@@ -376,10 +381,21 @@ class Gateway:
         # A revocation enforced between authentication and now did not see this connection.
         if self.authority.principal_revoked(conn.principal):
             self._spawn(conn.revoke())
+        # A relay ends with its credential; a JSON-RPC socket keeps its own timer, since
+        # ``auth/refresh`` moves it to a new session.
+        ends_at = conn.principal.ends_at
+        if ends_at is not None and not isinstance(conn, Connection):
+            delay = max(0.0, ends_at - time.time())
+            self._expiries[conn.id] = asyncio.get_running_loop().call_later(
+                delay, lambda: self._spawn(conn.expire())
+            )
 
     def unregister(self, conn: Live) -> None:
         if self.connections.pop(conn.id, None) is None:
             return
+        expiry = self._expiries.pop(conn.id, None)
+        if expiry is not None:
+            expiry.cancel()
         self._spawn(self.release(conn.id))
         self.metrics.connections_open.dec()
         if not isinstance(conn, Connection):

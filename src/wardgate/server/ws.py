@@ -170,8 +170,7 @@ class Connection:
             handle.cancel()
 
     def _schedule_expiry(self) -> None:
-        claims = self.session_claims
-        at = claims.exp if claims is not None else self.principal.expires_at
+        at = self.principal.ends_at
         if at is not None:
             self._set_timer("expiry", at, self.expire)
 
