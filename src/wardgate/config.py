@@ -147,6 +147,10 @@ class UpstreamSettings(_Section):
     """Seconds to connect to the upstream and, for the http relay, to receive its response."""
     max_body_bytes: int = 10 * MIB
     """Largest request body the http relay forwards."""
+    ca_file: str = ""
+    """https upstreams: a PEM file of the certificate authorities to trust for this upstream
+    instead of the system's (a private CA, a self-signed development certificate). Host names
+    are still checked."""
 
 
 class StoreSettings(_Section):

@@ -22,6 +22,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,6 +32,7 @@ from aiohttp import WSMsgType, web
 
 from tests.conftest import Daemon, DaemonFactory, remember, store_url_for
 from tests.e2e.helpers import exchange
+from wardgate.tls import ensure_auto_cert, server_ssl_context
 
 SECRET = "upstream-secret-" + secrets.token_hex(16)
 remember(SECRET)
@@ -248,13 +250,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
 
 
 @contextlib.asynccontextmanager
-async def upstream_on(port: int) -> AsyncIterator[Upstream]:
+async def upstream_on(port: int, tls: ssl.SSLContext | None = None) -> AsyncIterator[Upstream]:
     state = Upstream()
     runner = web.AppRunner(
         build_upstream(state), handler_cancellation=True, access_log=None, shutdown_timeout=0.1
     )
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
+    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True, ssl_context=tls)
     await site.start()
     try:
         yield state
@@ -777,6 +779,47 @@ async def test_relays_end_with_the_session_token_they_were_opened_with(
         line for line in (daemon.home / "audit.log").read_text().splitlines() if "session.expired" in line
     ]
     assert len(expired) == 2
+
+
+async def test_an_https_upstream_signed_by_a_private_ca(wardgate: DaemonFactory, tmp_path: Path) -> None:
+    tls = ensure_auto_cert(tmp_path / "upstream", ["127.0.0.1"])
+    port = free_port()
+    base = (
+        f"    url: https://127.0.0.1:{port}/base\n"
+        + '    headers: {Authorization: "Bearer ${UPSTREAM_TOKEN}"}\n'
+    )
+    daemon = wardgate(
+        f"upstreams:\n  private:\n{base}    ca_file: {tls.cert_file}\n  untrusted:\n{base}",
+        env={"UPSTREAM_TOKEN": SECRET},
+    )
+    session = (await exchange(daemon, daemon.pairing_token()))["sessionToken"]
+    bearer = {"Authorization": f"Bearer {session}"}
+    async with (
+        upstream_on(port, server_ssl_context(tls.cert_file, tls.key_file)) as state,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.get(daemon.http + "/proxy/private/http/http/reflect", headers=bearer) as response:
+            assert response.status == 200
+            assert (await response.json())["auth"] == "[redacted]"
+        ws = await http.ws_connect(daemon.http + "/proxy/private/ws/ws/plain", headers=bearer)
+        await ws.send_str("over tls")
+        assert await ws.receive_str(timeout=5) == "over tls"
+        await ws.close()
+        async with http.get(daemon.http + "/proxy/private/sse/sse/events", headers=bearer) as response:
+            assert response.status == 200
+            assert (await response.content.readuntil(b"\n\n")).startswith(b"data: first ")
+        assert [seen["headers"]["authorization"] for seen in state.seen] == [AUTH] * 3
+        # The same server is a stranger to an upstream that trusts the system's authorities only.
+        async with http.get(daemon.http + "/proxy/untrusted/http/http/reflect", headers=bearer) as response:
+            assert (response.status, (await response.json())["error"]) == (502, "bad_gateway")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await http.ws_connect(daemon.http + "/proxy/untrusted/ws/ws/plain", headers=bearer)
+        assert info.value.status == 502
+        assert len(state.seen) == 3
+        # The daemon's pooled TLS connections end before the upstream does (no half-closed
+        # TLS sockets left behind in this process).
+        daemon.stop()
+        await asyncio.sleep(0.1)
 
 
 # --- SSE relay -------------------------------------------------------------------------------------------

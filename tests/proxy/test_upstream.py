@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from wardgate.proxy.upstream import (
     secrets_of,
     validate_upstreams,
 )
+from wardgate.tls import ensure_auto_cert
 
 SECRET = "ghp_0123456789abcdefSECRET"
 remember(SECRET)
@@ -108,6 +110,7 @@ def test_headers_are_checked(headers: dict[str, str], says: str) -> None:
         ({"max_connections_per_user": 0}, "max_connections_per_user"),
         ({"timeout": 0}, "timeout"),
         ({"max_body_bytes": -1}, "max_body_bytes"),
+        ({"ca_file": "/etc/ssl/ca.pem"}, "upstreams.api.ca_file is for https upstreams only"),
     ],
 )
 def test_other_settings_are_checked(fields: dict[str, Any], says: str) -> None:
@@ -248,3 +251,39 @@ def test_secrets_are_added_to_the_log_redaction_layer(caplog: pytest.LogCaptureF
         root.removeHandler(handler)
     assert SECRET in redacting.secrets
     assert SECRET not in redacting.redact(f"upstream said {SECRET}")
+
+
+# --- trusting a private CA ----------------------------------------------------------------------------
+
+
+def test_ca_file_trusts_its_authorities_and_still_checks_host_names(tmp_path: Path) -> None:
+    cert = ensure_auto_cert(tmp_path, ["127.0.0.1"]).cert_file
+    api = resolve_upstreams({"api": upstream(url="https://127.0.0.1:9443/", ca_file=str(cert))}, {})["api"]
+    assert api.tls is not None
+    assert api.tls.verify_mode is ssl.CERT_REQUIRED
+    assert api.tls.check_hostname
+    assert api.tls.cert_store_stats()["x509"] == 1  # that file only, not the system store
+    assert "tls" not in repr(api)
+    plain = resolve_upstreams({"api": upstream(url="https://127.0.0.1:9443/")}, {})["api"]
+    assert plain.tls is None  # the system's authorities
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "does not exist"),
+        ("", "holds no PEM certificate"),
+        ("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n", "holds no PEM certificate"),
+        ("directory", "is a directory"),
+    ],
+)
+def test_a_bad_ca_file_names_the_setting(tmp_path: Path, content: str | None, says: str) -> None:
+    path = tmp_path / "ca.pem"
+    if content == "directory":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        resolve_upstreams({"api": upstream(url="https://127.0.0.1:9443/", ca_file=str(path))}, {})
+    assert str(info.value).startswith("upstreams.api.ca_file: ")
+    assert says in str(info.value)

@@ -89,6 +89,7 @@ async def relay_http(state: ProxyState, admitted: Admitted, request: web.Request
                 headers=headers,
                 data=body.chunks() if body is not None else None,
                 allow_redirects=False,
+                ssl=upstream.tls or True,
                 auto_decompress=scrubber.active,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
             )

@@ -204,6 +204,7 @@ async def _open(state: ProxyState, admitted: Admitted, request: web.Request) -> 
                 url,
                 headers=headers,
                 allow_redirects=False,
+                ssl=upstream.tls or True,
                 auto_decompress=True,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=None),
             )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,8 @@ def _validate_one(where: str, settings: UpstreamSettings) -> None:
         raise ConfigError(f"{where}.timeout must be a positive number of seconds")
     if settings.max_body_bytes < 0:
         raise ConfigError(f"{where}.max_body_bytes must not be negative")
+    if settings.ca_file and not settings.url.startswith("https://"):
+        raise ConfigError(f"{where}.ca_file is for https upstreams only")
 
 
 def parse_base_url(setting: str, url: str) -> SplitResult:
@@ -173,6 +176,8 @@ class Upstream:
     methods: frozenset[str]
     allow: str
     """The ``Allow`` header value for a 405."""
+    tls: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    """Trusts ``ca_file`` instead of the system's authorities (None: the system's)."""
 
     @property
     def base_url(self) -> str:
@@ -244,6 +249,7 @@ def resolve_upstream(name: str, settings: UpstreamSettings, environ: Mapping[str
         secrets.extend(secrets_of(header, value, resolved, pieces))
     netloc = parts.netloc
     ws_scheme = "wss" if parts.scheme == "https" else "ws"
+    tls = trusting(f"{where}.ca_file", settings.ca_file) if settings.ca_file else None
     methods = frozenset(settings.allow_methods)
     return Upstream(
         name=name,
@@ -256,7 +262,23 @@ def resolve_upstream(name: str, settings: UpstreamSettings, environ: Mapping[str
         paths=PathPolicy(settings.allow_paths),
         methods=methods,
         allow=", ".join(m for m in METHODS if m in methods),
+        tls=tls,
     )
+
+
+def trusting(setting: str, ca_file: str) -> ssl.SSLContext:
+    """A client TLS context that trusts the authorities in ``ca_file`` (and checks host names)."""
+    path = Path(ca_file).expanduser()
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except FileNotFoundError:
+        raise ConfigError(f"{setting}: {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"{setting}: {path} cannot be read by this user") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{setting}: {path} is a directory; name a PEM file") from None
+    except (ssl.SSLError, OSError, ValueError):
+        raise ConfigError(f"{setting}: {path} holds no PEM certificate") from None
 
 
 def resolve_upstreams(

@@ -716,7 +716,7 @@ async def _connect(
                 lambda: relay.upstream,
                 host,
                 origin.port or (443 if secure else 80),
-                ssl=state.ssl_context() if secure else None,
+                ssl=(upstream.tls or state.ssl_context()) if secure else None,
                 server_hostname=host if secure else None,
             )
             assert relay.upstream.transport is not None
