@@ -8,9 +8,9 @@ workspace and in every deny-listed file sits the marker ``SECRET``; no test may 
 from __future__ import annotations
 
 import os
-import stat
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -459,17 +459,45 @@ def test_missing_file_directory_and_fifo(files: Path) -> None:
         read(files, "pipe")
 
 
-def test_unreadable_file_is_refused(files: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads everything")
-    path = files / "locked.txt"
-    path.write_text("x")
-    path.chmod(0)
-    try:
-        with pytest.raises(PathRefused):
-            read(files, "locked.txt")
-    finally:
-        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+NOBODY: Final = 65534
+
+
+def read_as(uid: int, root: Path, path: str) -> int:
+    """``read`` in a child process running as ``uid``: 0 if refused (PathRefused), 1 if it
+    read the file, 2 if it failed otherwise."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 2
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                read(root, path)
+                code = 1
+            except PathRefused:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_unreadable_file_is_refused() -> None:
+    # Its own directory under /tmp, open to everyone but the file: root reads everything, so as
+    # root the read runs as an unprivileged user.
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        root.chmod(0o755)
+        path = root / "locked.txt"
+        path.write_text("x")
+        path.chmod(0)
+        (root / "open.txt").write_text("y")
+        if os.geteuid() == 0:
+            assert read_as(NOBODY, root, "open.txt") == 1  # the user can reach the directory
+            assert read_as(NOBODY, root, "locked.txt") == 0
+        else:
+            with pytest.raises(PathRefused):
+                read(root, "locked.txt")
 
 
 def test_a_file_swapped_for_a_symlink_after_the_check_is_not_followed(files: Path, tmp_path: Path) -> None:
