@@ -9,7 +9,10 @@ Three real ``wardgate serve`` daemons run at once on loopback, each with its own
   (``wardgate pair --json`` then ``POST /api/auth/exchange``) and sends it as
   ``Authorization: Bearer``; audit log off;
 * ``noauth``: ``security: {mode: local, require_auth: false}``, no token; audit log off;
-* ``auth+audit`` (unless ``--no-audit-row``): as ``auth`` with the audit log on.
+* ``auth+audit`` (unless ``--no-audit-row``): as ``auth`` with the audit log on;
+* ``auth+redis`` (with ``--redis URL``): as ``auth`` with ``store.backend: redis`` on that
+  server (a fresh key prefix, deleted afterwards): handshake limits, the connection lease and
+  its release become Redis round trips.
 
 One client process runs N concurrent workers, each looping: open the WebSocket
 (subprotocol ``wardgate.v1``), send ``initialize``, await its result, close.
@@ -23,6 +26,7 @@ the rate is bounded by client and server together; the CPU-per-handshake column 
 the server-only view. Exits non-zero only if something crashes.
 
     .venv/bin/python bench/bench_handshake.py [--workers 8] [--rounds 8] [--seconds 3]
+        [--no-audit-row] [--redis redis://127.0.0.1:6379/0]
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import redis.asyncio as aioredis
 
 TARGET_RATIO = 0.9
 INITIALIZE = json.dumps({"jsonrpc": "2.0", "method": "initialize", "params": {}, "id": 1})
@@ -227,6 +233,14 @@ async def bench(args: argparse.Namespace, root: Path) -> None:
         daemons.append(
             BenchDaemon("auth+audit", root, env={**BENCH_ENV, "WARDGATE_SECURITY_AUDIT_ENABLED": "true"})
         )
+    prefix = f"wgbench:{uuid.uuid4().hex[:12]}:"
+    if args.redis:
+        redis_env = {
+            "WARDGATE_STORE_BACKEND": "redis",
+            "WARDGATE_STORE_URL": args.redis,
+            "WARDGATE_STORE_PREFIX": prefix,
+        }
+        daemons.append(BenchDaemon("auth+redis", root, env={**BENCH_ENV, **redis_env}))
     try:
         for daemon in daemons:
             daemon.start()
@@ -259,6 +273,8 @@ async def bench(args: argparse.Namespace, root: Path) -> None:
     finally:
         for daemon in daemons:
             daemon.stop()
+        if args.redis:
+            await delete_prefix(args.redis, prefix)
 
     print()
     head = f"{'daemon':<12} {'handshakes/s':>13} {'min':>7} {'max':>7} {'ratio':>7}"
@@ -283,7 +299,25 @@ async def bench(args: argparse.Namespace, root: Path) -> None:
             f"with the audit log on: {statistics.median(ratios['auth+audit']):.2f}x the rate, "
             f"{statistics.median(cpu_ratios['auth+audit']):.2f}x by server CPU"
         )
+    if "auth+redis" in ratios:
+        by_rate = [r / a for r, a in zip(ratios["auth+redis"], ratios["auth"], strict=True)]
+        by_cpu = [r / a for r, a in zip(cpu_ratios["auth+redis"], cpu_ratios["auth"], strict=True)]
+        print(
+            f"on Redis instead of SQLite (auth+redis / auth): {statistics.median(by_rate):.2f}x the rate, "
+            f"{statistics.median(by_cpu):.2f}x by server CPU"
+        )
     print("ratios are medians of per-round ratios (each round's row / the same round's noauth row)")
+
+
+async def delete_prefix(url: str, prefix: str) -> None:
+    """Remove the keys the Redis daemon wrote (its own prefix)."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 def main() -> int:
@@ -294,6 +328,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8, help="alternating rounds (default 8)")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per daemon per round (default 3)")
     parser.add_argument("--no-audit-row", action="store_true", help="skip the auth+audit daemon")
+    parser.add_argument("--redis", metavar="URL", help="add an auth+redis daemon on this Redis server")
     args = parser.parse_args()
     print(f"bench_handshake: {args.workers} workers, {args.rounds} rounds x {args.seconds:g} s per daemon")
     print(f"machine: {machine()} (client and daemons share these cores)")

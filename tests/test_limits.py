@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import msgspec
 import pytest
 
 from tests.redis_server import RedisServer
@@ -94,6 +95,23 @@ async def test_handshakes_and_lockout(make_limits: Factory) -> None:
     locked = await first.locked_for("10.0.0.9")
     assert 25 < locked <= 30
     assert await second.locked_for("10.0.0.8") == 0
+
+
+async def test_admit_address_refuses_a_locked_address_without_counting_it(make_limits: Factory) -> None:
+    settings = msgspec.structs.replace(SETTINGS, auth_lockout=1, auth_lockout_max=2)
+    first = await make_limits(settings)
+    second = await make_limits(settings)
+    await first.record_failure("10.0.0.7")
+    await second.record_failure("10.0.0.7")
+    for limits in (first, second, first, second, first):
+        locked, decision = await limits.admit_address("10.0.0.7")
+        assert 0 < locked <= 1
+        assert (decision.allowed, decision.retry_after) == (False, locked)
+    await asyncio.sleep(1.1)
+    # The refused requests were not counted: the full budget is there once the lock ends.
+    answers = [await limits.admit_address("10.0.0.7") for limits in (first, second, first, second)]
+    assert [(locked, d.allowed) for locked, d in answers] == [(0, True)] * 3 + [(0, False)]
+    assert (await first.admit_address("10.0.0.7", "requests"))[1].allowed  # a budget of its own
 
 
 async def test_message_budget_holds_for_the_sum(make_limits: Factory) -> None:

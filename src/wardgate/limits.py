@@ -89,6 +89,14 @@ class Limits(abc.ABC):
     async def locked_for(self, ip: str) -> float:
         """Seconds ``ip`` remains locked out after failed authentications (0: not locked)."""
 
+    async def admit_address(self, ip: str, bucket: str = "handshakes") -> tuple[float, RateDecision]:
+        """The gate's address checks at once: ``(locked_for(ip), refused)`` while ``ip`` is
+        locked out (the request is not counted), else ``(0, hit_address(ip, bucket))``."""
+        locked = await self.locked_for(ip)
+        if locked > 0:
+            return locked, _refused(locked)
+        return 0.0, await self.hit_address(ip, bucket)
+
     @abc.abstractmethod
     async def record_failure(self, ip: str) -> None: ...
 
@@ -274,6 +282,17 @@ class RedisLimits(Limits):
         with self.store.errors_as_unavailable():
             ms = await self.store.client.pttl(self._key("lock", ip))
         return ms / 1000 if ms > 0 else 0.0
+
+    async def admit_address(self, ip: str, bucket: str = "handshakes") -> tuple[float, RateDecision]:
+        # One round trip instead of two: every handshake and relay request passes here.
+        s = self.settings
+        limit = s.handshakes_per_ip if bucket == "handshakes" else s.http_requests_per_ip
+        locked, allowed, retry = await self.store.hit_window_unless_locked(
+            self._key("lock", ip), self._key(bucket, ip), limit, s.handshake_window, time.time()
+        )
+        if locked > 0:
+            return locked, _refused(locked)
+        return 0.0, _allowed() if allowed else _refused(retry)
 
     async def record_failure(self, ip: str) -> None:
         s = self.settings

@@ -287,7 +287,7 @@ class Gateway:
 
     async def guard(self, request: web.Request, *, bucket: str = "handshakes") -> Precheck:
         """The checks every request passes: address, host, origin, lockout and request rate
-        (``bucket``: see ``Limits.hit_address``)."""
+        (``bucket``: see ``Limits.hit_address``; one call to ``Limits.admit_address``)."""
         if log.isEnabledFor(logging.DEBUG):
             # Credentials in headers and query strings are removed by the logging redaction layer.
             log.debug("request %s %s headers=%s", request.method, request.path_qs, dict(request.headers))
@@ -302,12 +302,10 @@ class Gateway:
         if not self.store_available:
             # Fail closed: without the store, a revocation made elsewhere could go unseen.
             raise StoreUnavailable(hint="the credential store cannot be reached; try again shortly")
-        ip_key = str(check.client_ip)
-        locked = await self.limits.locked_for(ip_key)
+        locked, decision = await self.limits.admit_address(str(check.client_ip), bucket)
         if locked > 0:
             self.metrics.rate_limited.labels("auth_failures").inc()
             raise RateLimited(retry_after=locked, hint="too many failed authentications from this address")
-        decision = await self.limits.hit_address(ip_key, bucket)
         if not decision.allowed:
             self.metrics.rate_limited.labels(bucket).inc()
             raise RateLimited(retry_after=decision.retry_after)

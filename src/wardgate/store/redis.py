@@ -504,6 +504,10 @@ return redis.call('HGETALL', P .. ARGV[3] .. id)
 _HIT_WINDOW: Final = """
 local key = P .. 'rate:' .. ARGV[2]
 local limit = tonumber(ARGV[3])
+if ARGV[8] ~= '' then
+  local locked = redis.call('PTTL', ARGV[8])
+  if locked > 0 then return {2, locked} end
+end
 redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[4])
 local count = redis.call('ZCARD', key)
 if count < limit then
@@ -1160,6 +1164,16 @@ class RedisStore(Store):
         the same on every instance); memory is at most ``limit`` entries per key, and a key
         disappears ``window`` seconds after its last allowed hit.
         """
+        locked, allowed, retry_after = await self.hit_window_unless_locked("", key, limit, window, now)
+        assert locked == 0.0
+        return allowed, retry_after
+
+    async def hit_window_unless_locked(
+        self, lock: str, key: str, limit: int, window: float, now: float
+    ) -> tuple[float, bool, float]:
+        """:meth:`hit_window` in the same round trip as a look at the key ``lock`` (a full key,
+        ``""`` for none): while ``lock`` exists, nothing is counted and the result is
+        ``(seconds it still lives, False, 0)``; else ``(0, allowed, retry_after)``."""
         if isinstance(limit, bool) or limit < 1:
             raise ValueError("limit must be a positive integer")
         if not math.isfinite(window) or window <= 0:
@@ -1173,11 +1187,15 @@ class RedisStore(Store):
             _num(now),
             member,
             math.ceil(window * 1000),
+            lock,
         )
-        if int(result[0]) == 1:
-            return True, 0.0
+        verdict = int(result[0])
+        if verdict == 2:
+            return int(result[1]) / 1000, False, 0.0
+        if verdict == 1:
+            return 0.0, True, 0.0
         oldest = float(result[1]) if len(result) > 1 else now
-        return False, max(oldest + window - now, 1e-3)
+        return 0.0, False, max(oldest + window - now, 1e-3)
 
     async def acquire_lease(
         self, scope_keys: list[tuple[str, int]], lease_id: str, instance: str, ttl: float
