@@ -138,12 +138,12 @@ class Authority:
         self.clock = clock
         self.revoked = Revocations(revision=-1)
         self._touched: dict[str, float] = {}
+        """When each API key's use was last recorded (bounded by the number of keys)."""
         self._max_generation = -1
+        """The highest pairing generation this process has seen (see ``reload_revocations``)."""
         self._reloading = asyncio.Lock()
         """One reload at a time: a read answered after a later one must not look like the store
         going back in time."""
-        """The highest pairing generation this process has seen (see ``reload_revocations``)."""
-        """When each API key's use was last recorded (bounded by the number of keys)."""
 
     # --- issuing -------------------------------------------------------------------------
 

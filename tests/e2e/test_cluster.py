@@ -239,6 +239,50 @@ async def test_redis_outage_fails_closed_and_recovers(
         wardgate.prefixes.clear()
 
 
+async def test_a_refresh_or_logout_lost_to_an_outage_leaves_the_connection_as_it_was(
+    wardgate: DaemonFactory, private_redis_factory: Callable[..., RedisServer]
+) -> None:
+    server = private_redis_factory(extra_args=["--appendonly", "yes", "--appendfsync", "always"])
+    (node,) = cluster(wardgate, server.url, n=1)
+    creds = await session(node)
+    rpc = await Rpc.open(node, creds["sessionToken"])
+    try:
+        await rpc.initialize()
+        server.stop()
+        refused = await rpc.call("auth/refresh", {"sessionToken": creds["sessionToken"]})
+        assert refused["error"]["data"]["reason"] == "store_unavailable"
+        refused = await rpc.call("auth/revoke")
+        assert refused["error"]["data"]["reason"] == "store_unavailable"
+        assert (await rpc.call("status/get"))["result"]  # still open, still this session
+        server.start()
+        deadline = time.monotonic() + 10
+        while await health(node) != 200:
+            assert time.monotonic() < deadline, "wardgate did not recover when Redis came back"
+            await asyncio.sleep(0.2)
+        # The token the client holds is still the connection's: the refresh can be retried.
+        refreshed = await rpc.call("auth/refresh", {"sessionToken": creds["sessionToken"]})
+        remember(refreshed["result"]["sessionToken"])
+        # And a batch stops at a logout: nothing after it runs on the revoked device.
+        await rpc.send_raw(
+            json.dumps(
+                [
+                    {"jsonrpc": "2.0", "method": "auth/revoke", "id": "out"},
+                    {"jsonrpc": "2.0", "method": "status/get", "id": "after"},
+                ]
+            )
+        )
+        answers = {answer["id"]: answer for answer in await rpc.reply()}
+        assert answers["out"]["result"] == {"revoked": True}
+        assert answers["after"]["error"]["data"]["reason"] == "token_revoked"
+        assert (await rpc.closed())[0] == 1000
+    finally:
+        await rpc.close()
+        for prefix in wardgate.prefixes:
+            if server.running:
+                delete_prefix(server.url, prefix)
+        wardgate.prefixes.clear()
+
+
 @pytest.mark.parametrize("keys", ["redis", "env"])
 async def test_tokens_from_one_instance_work_on_every_other(
     wardgate: DaemonFactory, redis_url: str, keys: str

@@ -111,6 +111,10 @@ def test_headers_are_checked(headers: dict[str, str], says: str) -> None:
         ({"timeout": 0}, "timeout"),
         ({"max_body_bytes": -1}, "max_body_bytes"),
         ({"ca_file": "/etc/ssl/ca.pem"}, "upstreams.api.ca_file is for https upstreams only"),
+        (
+            {"url": "https://127.0.0.1:9443/", "ca_file": "certs/ca.pem"},
+            "upstreams.api.ca_file must be an absolute path",
+        ),
     ],
 )
 def test_other_settings_are_checked(fields: dict[str, Any], says: str) -> None:

@@ -469,6 +469,7 @@ def read_as(uid: int, root: Path, path: str) -> int:
     if pid == 0:  # the child: never returns into pytest
         code = 2
         try:
+            os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
             try:

@@ -80,6 +80,8 @@ class SseRelay:
         await self.close(CLOSE_SESSION_EXPIRED, "token revoked")
 
     async def expire(self) -> None:
+        if self._released:
+            return  # ended meanwhile, for another reason
         self.state.gateway.audit("session.expired", device=self.device_id, ip=self.client_ip)
         await self.close(CLOSE_SESSION_EXPIRED, "session expired")
 

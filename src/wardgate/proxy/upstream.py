@@ -115,6 +115,8 @@ def _validate_one(where: str, settings: UpstreamSettings) -> None:
         raise ConfigError(f"{where}.max_body_bytes must not be negative")
     if settings.ca_file and not settings.url.startswith("https://"):
         raise ConfigError(f"{where}.ca_file is for https upstreams only")
+    if settings.ca_file and not Path(settings.ca_file).expanduser().is_absolute():
+        raise ConfigError(f"{where}.ca_file must be an absolute path (or start with ~/)")
 
 
 def parse_base_url(setting: str, url: str) -> SplitResult:

@@ -617,6 +617,8 @@ class WebSocketRelay:
         await self.close(CLOSE_SESSION_EXPIRED, REASON_REVOKED)
 
     async def expire(self) -> None:
+        if self.ending:
+            return  # ended meanwhile, for another reason
         self.state.gateway.audit("session.expired", device=self.device_id, ip=self.client_ip)
         await self.close(CLOSE_SESSION_EXPIRED, REASON_EXPIRED)
 

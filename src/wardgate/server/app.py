@@ -167,6 +167,9 @@ class Gateway:
                 log.exception("shutdown hook failed")
         for conn in list(self.connections.values()):
             await conn.close(CLOSE_GOING_AWAY, "server shutting down")
+        for expiry in self._expiries.values():
+            expiry.cancel()
+        self._expiries.clear()
         await self.limits.stop()
         await self.store.close()
 
@@ -384,6 +387,9 @@ class Gateway:
         ends_at = conn.principal.ends_at
         if ends_at is not None and not isinstance(conn, Connection):
             delay = max(0.0, ends_at - time.time())
+            earlier = self._expiries.pop(conn.id, None)
+            if earlier is not None:
+                earlier.cancel()
             self._expiries[conn.id] = asyncio.get_running_loop().call_later(
                 delay, lambda: self._spawn(conn.expire())
             )

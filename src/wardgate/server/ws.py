@@ -41,6 +41,7 @@ from wardgate.errors import (
     InvalidParams,
     InvalidToken,
     RateLimited,
+    TokenRevoked,
     WardgateError,
 )
 from wardgate.roles import scopes_for
@@ -84,6 +85,7 @@ class RefreshParams(msgspec.Struct, forbid_unknown_fields=True):
 REASON_INIT_TIMEOUT: Final = "initialize timeout"
 REASON_EXPIRED: Final = "session expired"
 REASON_REVOKED: Final = "session revoked"
+REVOKED_IN_BATCH: Final = "auth/revoke earlier in this batch logged this device out"
 REASON_LOGGED_OUT: Final = "logged out"
 REASON_SHUTDOWN: Final = "shutdown"
 REASON_SLOW_CONSUMER: Final = "send queue full"
@@ -136,6 +138,8 @@ class Connection:
         """Set by a method whose answer ends the connection: sent first, then closed."""
         self._logging_out = False
         """``auth/revoke`` revoked this connection's own device: the answer, then close 1000."""
+        self._revoke_deferred = False
+        """A revocation scan found this connection revoked while it was logging out."""
 
     # --- identity ----------------------------------------------------------------------------
 
@@ -208,7 +212,10 @@ class Connection:
 
     async def revoke(self) -> None:
         if self._logging_out:
-            return  # its own auth/revoke: a revocation scan must not pre-empt the answer
+            # Its own auth/revoke: a revocation scan must not pre-empt the answer (kept in mind
+            # in case the logout fails after all).
+            self._revoke_deferred = True
+            return
         self.gateway.audit("session.closed_revoked", device=self.device_id, ip=self.client_ip)
         await self._end_session("auth/revoked", REASON_REVOKED)
 
@@ -357,6 +364,11 @@ class Connection:
             if isinstance(item, jsonrpc.ErrorReply):
                 replies.append(item.encode())
                 continue
+            if self._logging_out:
+                # auth/revoke earlier in this batch: nothing after it runs on the revoked device.
+                if not item.is_notification:
+                    replies.append(jsonrpc.encode_error_from(item.id, TokenRevoked(hint=REVOKED_IN_BATCH)))
+                continue
             reply = await self.dispatch(item)
             if reply is not None and not item.is_notification:
                 replies.append(reply)
@@ -478,15 +490,23 @@ class Connection:
         token, claims = authority.issue_session(current.sub or "", current.role or "", current.fam)
         # The connection moves to the new session before the old one is revoked: a revocation
         # scan running meanwhile (pub/sub, reconciliation) must not find it on the old one.
+        previous = self.principal
         self.principal = Principal(
             kind="session",
-            role=self.principal.role,
-            scopes=self.principal.scopes,
+            role=previous.role,
+            scopes=previous.scopes,
             device_id=self.device_id,
             claims=claims,
         )
         self._schedule_expiry()
-        await authority.revoke_session(current)
+        try:
+            await authority.revoke_session(current)
+        except BaseException:
+            # The client never gets the new token: the connection stays on the one it holds
+            # (closed by the next scan if its revocation was written after all).
+            self.principal = previous
+            self._schedule_expiry()
+            raise
         self.gateway.audit("session.refreshed", device=self.device_id, ip=self.client_ip)
         return {"sessionToken": token, "expiresAt": iso8601(claims.exp)}
 
@@ -501,6 +521,8 @@ class Connection:
             except BaseException:
                 self._logging_out = False  # not logged out: the error is the answer
                 self._close_after_reply = None
+                if self._revoke_deferred or self.gateway.authority.principal_revoked(self.principal):
+                    self._spawn(self.revoke)  # written after all: the scan's verdict stands
                 raise
         return {"revoked": device is not None}
 
